@@ -1,0 +1,5 @@
+"""``python -m jaxtune`` entry point."""
+
+from jaxtune.cli import main
+
+raise SystemExit(main())
