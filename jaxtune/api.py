@@ -1,0 +1,233 @@
+"""Public Python API: ``from_pretrained``, ``save_pretrained``, ``load_tokenizer``, ``convert``.
+
+``from_pretrained`` accepts an HF directory (safetensors), a ``.gguf`` file, a jaxtune
+checkpoint written by ``jaxtune convert`` (``jaxtune.json`` + Orbax params), or a run
+directory (latest checkpoint, with adapters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtune.errors import ModelLoadError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MARKER = "jaxtune.json"
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def model_kind(path: Path) -> str:
+    """One of ``gguf``, ``jaxtune``, ``run``, ``hf``; errors for anything else."""
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+            raise ModelLoadError(
+                f"{path}: pickled checkpoints are refused (unpickling can run code); convert to "
+                "safetensors with transformers' save_pretrained(..., safe_serialization=True)"
+            )
+        raise ModelLoadError(f"{path}: expected a .gguf file or a model directory")
+    if (path / MARKER).is_file():
+        return "jaxtune"
+    if (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
+        return "run"
+    return "hf"
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    dtype="float32",
+    *,
+    scan_layers: bool | None = None,
+    sharding=None,
+    **config_overrides,
+) -> nnx.Module:
+    """Loads a model.
+
+    Args:
+      path: HF directory (safetensors), ``.gguf`` file, jaxtune checkpoint or run dir.
+      dtype: parameter dtype (``"float32"``, ``"bfloat16"``...).
+      scan_layers: stack layers and scan over them (default True).
+      sharding: optional ``(path, abstract variable) -> Sharding`` for sharded loading.
+      **config_overrides: execution options of the model config (``remat=...``).
+
+    Returns:
+      The model; ``model(input_ids [B, T], attention_mask=None) -> logits [B, T, V]``.
+      ``model.source`` remembers where it came from (tokenizer lookup).
+    """
+    from jaxtune.hf import io as hf_io
+
+    path = Path(path)
+    kind = model_kind(path)
+    dtype = resolve_dtype(dtype)
+    opts = dict(config_overrides)
+    if scan_layers is not None:
+        opts["scan_layers"] = scan_layers
+    if kind == "hf":
+        _, cfg = hf_io.read_hf_config(path)
+        cfg = cfg.replace(**opts)
+        files = hf_io.safetensors_files(path)
+        model = hf_io.load_params(
+            cfg, hf_io.iter_safetensors(files), dtype=dtype, sharding=sharding, source=str(path)
+        )
+    elif kind == "gguf":
+        from jaxtune.hf import gguf
+
+        fam_cfg = gguf.read_gguf_config(path)
+        from jaxtune.models import family_for_model_type
+
+        fam = family_for_model_type(fam_cfg.get("model_type"))
+        cfg = fam.hf_module().config_from_hf(fam_cfg, str(path)).replace(**opts)
+        tensors = ((n, a, str(path)) for n, a in gguf.iter_gguf_tensors(path))
+        model = hf_io.load_params(cfg, tensors, dtype=dtype, sharding=sharding, source=str(path))
+    elif kind == "jaxtune":
+        model = load_checkpoint(path, dtype=dtype, sharding=sharding, **opts)
+    else:
+        from jaxtune.checkpoint import load_run_model
+
+        return load_run_model(path, dtype=dtype, **opts)
+    model.source = str(path)
+    return model
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The HF tokenizer for a model path (HF dir, .gguf, jaxtune checkpoint or run dir)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    kind = model_kind(path)
+    if kind == "gguf":
+        from jaxtune.hf.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
+    if kind == "run":
+        from jaxtune.checkpoint import run_model_source
+
+        return load_tokenizer(run_model_source(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot load a tokenizer ({e})") from None
+
+
+def save_pretrained(
+    model: nnx.Module, out_dir: str | os.PathLike, *, tokenizer=None, dtype=None
+) -> Path:
+    """Writes an HF directory (adapters merged) that transformers loads.
+
+    The tokenizer is copied from ``model.source`` when not given.
+    """
+    from jaxtune.hf.io import save_hf
+    from jaxtune.peft import merged_copy
+
+    if tokenizer is None and getattr(model, "source", None):
+        try:
+            tokenizer = load_tokenizer(model.source)
+        except ModelLoadError:
+            tokenizer = None
+    return save_hf(merged_copy(model), out_dir, tokenizer=tokenizer, dtype=dtype)
+
+
+# ------------------------------------------------------------- jaxtune checkpoints
+
+
+def flat_params(model: nnx.Module, variable_type=nnx.Param) -> dict[str, jax.Array]:
+    """``{"layers.attn.q_proj.kernel": array}`` of one variable type."""
+    flat = nnx.to_flat_state(nnx.state(model, variable_type))
+    return {".".join(str(p) for p in path): var[...] for path, var in flat}
+
+
+def save_checkpoint(model: nnx.Module, out_dir: str | os.PathLike, *, tokenizer=None) -> Path:
+    """Writes ``jaxtune.json`` + Orbax params (+ tokenizer files), atomically."""
+    import orbax.checkpoint as ocp
+
+    from jaxtune.hf.io import atomic_dir
+    from jaxtune.models import config_to_dict
+
+    out_dir = Path(out_dir).absolute()
+    with atomic_dir(out_dir) as tmp:
+        params = flat_params(model)
+        dtype = str(next(iter(params.values())).dtype)
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "params", params)
+        ckptr.wait_until_finished()
+        meta = {
+            "format": "jaxtune",
+            "version": 1,
+            "dtype": dtype,
+            "model_config": config_to_dict(model.config),
+        }
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out_dir
+
+
+def load_checkpoint(path: Path, dtype=None, sharding=None, **opts) -> nnx.Module:
+    """Loads a checkpoint written by :func:`save_checkpoint` straight into its shards."""
+    import orbax.checkpoint as ocp
+
+    from jaxtune.hf.io import default_sharding
+    from jaxtune.models import abstract_model, config_from_dict, fill_model
+
+    try:
+        meta = json.loads((path / MARKER).read_text())
+        cfg = config_from_dict(meta["model_config"]).replace(**opts)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelLoadError(
+            f"{path / MARKER}: invalid jaxtune checkpoint metadata ({e})"
+        ) from None
+    dtype = dtype or resolve_dtype(meta.get("dtype", "float32"))
+    abstract = abstract_model(cfg, dtype)
+    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    sharding = sharding or default_sharding
+    target = {
+        ".".join(str(p) for p in path_): jax.ShapeDtypeStruct(
+            var.shape, var.dtype, sharding=sharding(path_, var)
+        )
+        for path_, var in flat
+    }
+    try:
+        restored = ocp.StandardCheckpointer().restore(path / "params", target)
+    except Exception as e:  # orbax raises many types for truncated / mismatched data
+        raise ModelLoadError(
+            f"{path}: cannot restore params ({type(e).__name__}: {str(e)[:300]})"
+        ) from None
+    values = {path_: restored[".".join(str(p) for p in path_)] for path_, _ in flat}
+    model = fill_model(abstract, values)
+    return model
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, dtype="float32") -> Path:
+    """HF dir / .gguf -> jaxtune checkpoint (params + resolved config + tokenizer)."""
+    model = from_pretrained(src, dtype=dtype)
+    tokenizer = load_tokenizer(src)
+    return save_checkpoint(model, out, tokenizer=tokenizer)
+
+
+def numpy_logits(model, input_ids, attention_mask=None) -> np.ndarray:
+    """Convenience for tests/scripts: jit-compiled forward, numpy float32 logits."""
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    return np.asarray(_forward(model, ids, mask))
+
+
+@nnx.jit
+def _forward(model, ids, mask):
+    return model(ids, mask)

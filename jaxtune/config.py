@@ -1,0 +1,852 @@
+"""Run configuration: frozen dataclass schemas, YAML loading, dotted overrides, validation.
+
+A run config is a YAML file with up to ten sections (``model``, ``data``, ``peft``, ``optim``,
+``train``, ``mesh``, ``checkpoint``, ``eval``, ``logging``, ``run``), plus ``key=value``
+overrides from the command line (``train.steps=10``, ``peft.targets=[q_proj,v_proj]``,
+``model.path=null``). Everything is checked before any work starts: a bad key, type or
+value raises :class:`~jaxtune.errors.ConfigError` with one line naming the file (and line),
+the dotted key, the bad value and what is allowed.
+
+The schema is the dataclasses below; each documents its fields in an ``Attributes:``
+section, and :func:`config_reference_markdown` renders the reference from them, together
+with the allowed values in ``CHOICES`` and ``RANGES``, so the docs cannot drift.
+
+YAML is read with YAML 1.2 scalars: only ``true``/``false`` are booleans (``yes``/``no``
+stay strings, so labels like ``[yes, no]`` survive) and ``1e-4`` is a float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxtune.data.config import FORMATS, DataConfig
+from jaxtune.errors import ConfigError
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The pretrained model and how its weights are stored and computed.
+
+    Attributes:
+      path: Hugging Face model directory (safetensors), ``.gguf`` file, or jaxtune
+        checkpoint / run directory.
+      dtype: storage dtype of the parameters.
+      compute_dtype: dtype of activations and matmuls; null = same as ``dtype``.
+      scan_layers: run the decoder layers with ``nnx.scan`` (one compiled layer; faster
+        compiles, stacked parameters).
+      remat: activation rematerialisation per layer: ``none``, ``dots`` (save matmul
+        outputs only) or ``full`` (recompute everything in the backward pass).
+      attention: attention kernel; ``auto`` picks cuDNN flash attention on GPU, XLA elsewhere.
+      quantize: quantize the frozen base weights (QLoRA-style); null = no quantization.
+      max_seq_len: longest sequence the model is used with (RoPE tables, KV cache); null =
+        the model's own limit.
+    """
+
+    path: str | None = None
+    dtype: str = "float32"
+    compute_dtype: str | None = None
+    scan_layers: bool = True
+    remat: str = "none"
+    attention: str = "auto"
+    quantize: str | None = None
+    max_seq_len: int | None = None
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """What is trained: the whole model, LoRA/DoRA factors, bottleneck adapters or a head.
+
+    Attributes:
+      method: ``full`` fine-tuning, ``lora``, ``dora``, bottleneck ``adapter``, or ``feature``
+        (train only a head on the frozen backbone's features).
+      rank: LoRA/DoRA rank.
+      alpha: LoRA/DoRA scale numerator (scale = alpha / rank); required for lora and dora.
+      dropout: dropout on the LoRA input (and inside adapters).
+      targets: module names to adapt, e.g. ``[q_proj, v_proj]`` (a comma-separated string
+        works too); ``all-linear`` = every linear layer except the LM head.
+      rslora: rank-stabilised scale alpha / sqrt(rank) instead of alpha / rank.
+      adapter_size: bottleneck width of adapters; null = hidden size / ``adapter_reduction``.
+      adapter_reduction: hidden size / bottleneck width when ``adapter_size`` is null.
+      adapter_placement: ``houlsby`` (after attention and MLP) or ``pfeiffer`` (after MLP).
+      adapter_activation: nonlinearity inside the adapter bottleneck.
+      unfreeze: extra parameters to train besides the method's own: named groups
+        (``norms``, ``biases``, ``lm_head``, ``embeddings``) or regexes over parameter paths.
+      unfreeze_top_layers: also train every parameter of the top N decoder layers.
+      head: ``lm`` (next-token prediction) or ``classification`` (a new head on pooled
+        features).
+      num_labels: classes of the classification head; null = from ``data.labels`` or data.
+      pooling: how a sequence becomes one feature vector: ``cls`` (first token), ``mean``
+        (over non-padding tokens) or ``last`` (last non-padding token).
+      feature_layer: hidden-state layer the head reads (-1 = final, after the last norm).
+      head_hidden: 0 = a linear head, else the hidden size of a two-layer MLP head.
+    """
+
+    method: str = "lora"
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    rslora: bool = False
+    adapter_size: int | None = None
+    adapter_reduction: int = 16
+    adapter_placement: str = "houlsby"
+    adapter_activation: str = "gelu"
+    unfreeze: tuple[str, ...] = ()
+    unfreeze_top_layers: int = 0
+    head: str = "lm"
+    num_labels: int | None = None
+    pooling: str = "last"
+    feature_layer: int = -1
+    head_hidden: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule (an optax chain; frozen leaves are masked out).
+
+    Attributes:
+      name: ``adamw``, ``adafactor``, ``sgd`` (with momentum) or ``lion``.
+      lr: peak learning rate.
+      schedule: decay after warmup: ``constant``, ``linear`` or ``cosine``.
+      warmup_steps: linear warmup from 0 to ``lr`` over this many optimizer steps.
+      warmup_ratio: warmup as a fraction of the total steps (instead of ``warmup_steps``).
+      min_lr_ratio: the schedule decays to ``lr * min_lr_ratio``.
+      weight_decay: decoupled weight decay (not applied to biases, norms and embeddings).
+      b1: first-moment decay (adamw, lion).
+      b2: second-moment decay (adamw, lion).
+      eps: adamw epsilon.
+      momentum: sgd momentum.
+      grad_clip: clip gradients to this global norm; null = no clipping.
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9
+    grad_clip: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Length of the run, batch shape, and the host loop's cadences.
+
+    Attributes:
+      steps: number of optimizer steps (set exactly one of ``steps`` and ``epochs``).
+      epochs: passes over the training split, may be fractional.
+      batch_size: global examples per forward/backward pass, summed over all devices; one
+        optimizer step sees ``batch_size * grad_accum`` examples.
+      seq_len: tokens per row (longer examples are truncated, shorter ones padded/packed).
+      seed: the run seed; every random stream (init, dropout, data order) derives from it.
+      grad_accum: micro-batches accumulated per optimizer step.
+      eval_every: compute the validation loss every N steps (0 = never during training).
+      log_every: log metrics every N steps.
+      early_stopping_patience: stop after N evaluations without improvement (0 = off).
+      early_stopping_metric: metric watched by early stopping (lower is better for losses).
+      resume: continue from the latest checkpoint in ``run.dir`` if there is one.
+      overwrite: delete an existing ``run.dir`` first (takes precedence over ``resume``).
+      max_eval_batches: cap on validation batches per evaluation; null = the whole split.
+    """
+
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    seq_len: int = 512
+    seed: int = 0
+    grad_accum: int = 1
+    eval_every: int = 0
+    log_every: int = 1
+    early_stopping_patience: int = 0
+    early_stopping_metric: str = "eval/loss"
+    resume: bool = True
+    overwrite: bool = False
+    max_eval_batches: int | None = None
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ``(data, fsdp, tensor)``; the product must equal the device count.
+
+    Attributes:
+      data: data-parallel replicas (-1 = all devices not used by the other axes).
+      fsdp: parameter/optimizer-state sharding degree; the batch is also split over it.
+      tensor: tensor-parallel degree (shards heads and MLP width).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints in ``run.dir``.
+
+    Attributes:
+      every: save every N optimizer steps (0 = only at the end).
+      keep: number of most recent checkpoints kept.
+      keep_best: also keep the checkpoint with the best ``best_metric``.
+      best_metric: metric that ranks checkpoints for ``keep_best``.
+      best_mode: ``min`` or ``max``: whether lower or higher ``best_metric`` is better.
+      async_save: write checkpoints in the background while training continues.
+      save_full: save the whole state; null = adapters + optimizer only for PEFT runs, the
+        full state for full fine-tuning.
+    """
+
+    every: int = 0
+    keep: int = 3
+    keep_best: bool = False
+    best_metric: str = "eval/loss"
+    best_mode: str = "min"
+    async_save: bool = True
+    save_full: bool | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation tasks run during and after training (and by ``jaxtune eval``).
+
+    Attributes:
+      tasks: evaluation task names (e.g. ``[perplexity, hellaswag]``).
+      every: run the tasks every N steps (0 = not during training).
+      max_items: cap on items per task; null = all.
+      at_end: run the tasks after the last step.
+      generate_samples: validation prompts to generate answers for in the report.
+      max_new_tokens: generation length for samples and generative tasks.
+    """
+
+    tasks: tuple[str, ...] = ()
+    every: int = 0
+    max_items: int | None = None
+    at_end: bool = True
+    generate_samples: int = 3
+    max_new_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go besides ``metrics.jsonl`` in the run directory.
+
+    Attributes:
+      progress: show a progress bar with loss, lr and tokens/s.
+      tensorboard: write TensorBoard event files to ``run.dir``.
+      wandb: log to Weights & Biases (needs the ``wandb`` package).
+      wandb_project: W&B project name; null = W&B's default.
+    """
+
+    progress: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run directory (resolved config, metrics, checkpoints, reports).
+
+    Attributes:
+      dir: run directory.
+      name: display name (logs, W&B); null = the last part of ``dir``.
+    """
+
+    dir: str = "runs/default"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A complete, validated run configuration.
+
+    Attributes:
+      model: the pretrained model.
+      data: datasets and tokenization.
+      peft: what is trained.
+      optim: optimizer and schedule.
+      train: run length, batch shape, cadences.
+      mesh: device mesh.
+      checkpoint: checkpointing.
+      eval: evaluation tasks.
+      logging: metric sinks.
+      run: the run directory.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+DTYPES = ("float32", "bfloat16", "float16")
+PEFT_METHODS = ("full", "lora", "dora", "adapter", "feature")
+UNFREEZE_GROUPS = ("norms", "biases", "lm_head", "embeddings")
+
+# Allowed values per dotted key (null is always allowed where the type is optional).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": DTYPES,
+    "model.compute_dtype": DTYPES,
+    "model.remat": ("none", "dots", "full"),
+    "model.attention": ("auto", "xla", "cudnn"),
+    "model.quantize": ("int8", "nf4"),
+    "data.format": FORMATS,
+    "data.truncation_side": ("right", "left"),
+    "peft.method": PEFT_METHODS,
+    "peft.adapter_placement": ("houlsby", "pfeiffer"),
+    "peft.adapter_activation": ("gelu", "relu", "silu", "tanh"),
+    "peft.head": ("lm", "classification"),
+    "peft.pooling": ("cls", "mean", "last"),
+    "optim.name": ("adamw", "adafactor", "sgd", "lion"),
+    "optim.schedule": ("constant", "linear", "cosine"),
+    "checkpoint.best_mode": ("min", "max"),
+}
+
+# Numeric ranges per dotted key: "> x", ">= x", or an interval "[a, b)" / "[a, b]".
+_RANGE_GROUPS = {
+    "> 0": """model.max_seq_len data.max_examples peft.rank peft.alpha peft.adapter_size
+        peft.adapter_reduction optim.lr optim.eps optim.grad_clip train.steps train.epochs
+        train.batch_size train.seq_len train.max_eval_batches eval.max_items
+        eval.max_new_tokens""",
+    ">= 0": """data.split_seed peft.unfreeze_top_layers peft.head_hidden optim.warmup_steps
+        optim.weight_decay train.seed train.eval_every train.early_stopping_patience
+        checkpoint.every eval.every eval.generate_samples""",
+    ">= 1": "data.pad_to_multiple_of train.grad_accum train.log_every checkpoint.keep",
+    ">= 2": "peft.num_labels",
+    "[0, 1)": """data.validation_fraction data.test_fraction peft.dropout optim.warmup_ratio
+        optim.b1 optim.b2 optim.momentum""",
+    "[0, 1]": "optim.min_lr_ratio",
+}
+RANGES: dict[str, str] = {k: spec for spec, ks in _RANGE_GROUPS.items() for k in ks.split()}
+
+# ------------------------------------------------------------------------------ YAML
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_FLOAT_RE = re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*(?=[eE]))(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans and floats, and no implicit timestamps."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes anything either YAML 1.1 or 1.2 would not read as a string."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag not in (_BOOL, _FLOAT, "tag:yaml.org,2002:timestamp")]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Dumper.yaml_implicit_resolvers = {
+    ch: list(rs) for ch, rs in yaml.SafeDumper.yaml_implicit_resolvers.items()
+}
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(_BOOL, _BOOL_RE, list("tTfF"))
+    _cls.add_implicit_resolver(_FLOAT, _FLOAT_RE, list("-+0123456789."))
+_Dumper.add_representer(
+    list,
+    lambda d, v: d.represent_sequence(
+        "tag:yaml.org,2002:seq", v, flow_style=all(not isinstance(x, list | dict) for x in v)
+    ),
+)
+
+
+def _parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """Parse YAML text; return the data and the line number of every dotted mapping key."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        what = "; ".join(str(s) for s in (e.context, e.problem) if s)
+        raise ConfigError(f"{where}: invalid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()
+    lines: dict[str, int] = {}
+
+    def walk(n: yaml.Node, prefix: str) -> None:
+        if not isinstance(n, yaml.MappingNode):
+            return
+        for k, v in n.value:
+            key = f"{prefix}{k.value}"
+            if key in lines:
+                raise ConfigError(f"{source}:{k.start_mark.line + 1}: duplicate key {key!r}")
+            lines[key] = k.start_mark.line + 1
+            walk(v, key + ".")
+
+    if node is not None:
+        walk(node, "")
+    return data, lines
+
+
+# ------------------------------------------------------------------------ validation
+
+
+class _Mismatch(Exception):
+    """A value does not fit a field's type (the caller words the error)."""
+
+
+def _describe(tp: Any) -> str:
+    """A human description of a field type, for error messages."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is types.UnionType:
+        inner = [a for a in args if a is not type(None)]
+        return f"{_describe(inner[0])} or null"
+    if typing.get_origin(tp) is tuple:
+        what = "integers" if args[0] is int else "strings"
+        return f"a list of {what} (or a comma-separated string)"
+    if typing.get_origin(tp) is dict:
+        return "a mapping of strings to strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert a YAML value to a field type, or raise ``_Mismatch``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is types.UnionType:
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)))
+    if tp is bool and isinstance(value, bool):
+        return value
+    if isinstance(value, bool):
+        raise _Mismatch
+    if tp is int and isinstance(value, int):
+        return value
+    if tp is float and isinstance(value, int | float):
+        return float(value)  # ints are fine where a number is expected
+    if tp is str and isinstance(value, str | int):
+        return str(value)  # ints are fine where a name is expected (labels, run names)
+    if origin is tuple:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            try:
+                return tuple(p if args[0] is str else int(p) for p in parts)
+            except ValueError:
+                raise _Mismatch from None
+        if isinstance(value, list | tuple):
+            return tuple(_coerce(v, args[0]) for v in value)
+    if origin is dict and isinstance(value, Mapping):
+        return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
+    raise _Mismatch
+
+
+def _in_range(value: float, spec: str) -> bool:
+    if spec[0] in "[(":
+        lo, hi = (float(x) for x in spec[1:-1].split(","))
+        above = value >= lo if spec[0] == "[" else value > lo
+        return above and (value <= hi if spec[-1] == "]" else value < hi)
+    op, bound = spec.split()
+    return value > float(bound) if op == ">" else value >= float(bound)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Builder:
+    """Turns a raw nested dict into a validated Config, naming where each key came from."""
+
+    def __init__(self, source: str, origins: Mapping[str, str]):
+        self.source, self.origins = source, origins
+
+    def where(self, key: str) -> str:
+        while key:
+            if key in self.origins:
+                return self.origins[key]
+            key = key.rpartition(".")[0]
+        return self.source
+
+    def fail(self, key: str, detail: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.where(key)}: {key}: {detail}")
+
+    def bad(self, key: str, value: Any, expected: str) -> typing.NoReturn:
+        self.fail(key, f"got {_short(value)}, expected {expected}")
+
+    def unknown(
+        self, key: str, candidates: Sequence[str], elsewhere: Sequence[str] = ()
+    ) -> typing.NoReturn:
+        name = key.rpartition(".")[2]
+        what = "key" if "." in key else "section"
+        close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+        prefix = key.rpartition(".")[0] + "." if "." in key else ""
+        hint = elsewhere[0] if elsewhere else (prefix + close[0] if close else None)
+        tail = f"did you mean {hint!r}?" if hint else f"expected one of {', '.join(candidates)}"
+        raise ConfigError(f"{self.where(key)}: unknown {what} {key!r}; {tail}")
+
+    def build(self, raw: Any) -> Config:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{self.source}: expected a mapping of sections, got {_short(raw)}")
+        for name in raw:
+            if name not in SECTIONS:
+                self.unknown(str(name), list(SECTIONS))
+        cfg = Config(**{name: self.section(name, raw.get(name)) for name in SECTIONS})
+        self.check(cfg)
+        return cfg
+
+    def section(self, name: str, raw: Any) -> Any:
+        cls = SECTIONS[name]
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            self.bad(name, raw, f"a mapping of {name}.* keys")
+        hints = typing.get_type_hints(cls)
+        for key in raw:
+            if key not in hints:
+                other = [
+                    f"{s}.{key}" for s in SECTIONS if key in typing.get_type_hints(SECTIONS[s])
+                ]
+                self.unknown(f"{name}.{key}", list(hints), other)
+        values = {}
+        for key, value in raw.items():
+            dotted = f"{name}.{key}"
+            try:
+                value = _coerce(value, hints[key])
+            except _Mismatch:
+                self.bad(dotted, value, _describe(hints[key]))
+            if value is not None and dotted in CHOICES and value not in CHOICES[dotted]:
+                close = difflib.get_close_matches(value, CHOICES[dotted], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.bad(dotted, value, f"one of {', '.join(CHOICES[dotted])}{hint}")
+            if value is not None and dotted in RANGES and not _in_range(value, RANGES[dotted]):
+                spec = RANGES[dotted]
+                self.bad(dotted, value, f"a value {'in ' if spec[0] == '[' else ''}{spec}")
+            values[key] = value
+        return cls(**values)
+
+    def check(self, cfg: Config) -> None:
+        """Rules that involve more than one field."""
+        t, p, m = cfg.train, cfg.peft, cfg.mesh
+        if (t.steps is None) == (t.epochs is None):
+            got = "both" if t.steps is not None else "neither"
+            self.fail("train.steps", f"set exactly one of train.steps or train.epochs (got {got})")
+        if p.method in ("lora", "dora") and p.alpha is None:
+            self.fail(
+                "peft.alpha",
+                f"required when peft.method is {p.method!r}; expected a number > 0 "
+                f"(e.g. peft.alpha={2 * p.rank}, twice the rank)",
+            )
+        if p.method in ("lora", "dora") and not p.targets:
+            self.bad("peft.targets", list(p.targets), "at least one module name or all-linear")
+        if "all-linear" in p.targets and len(p.targets) > 1:
+            self.bad("peft.targets", list(p.targets), "all-linear on its own")
+        for pattern in p.unfreeze:
+            if pattern not in UNFREEZE_GROUPS:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    groups = ", ".join(UNFREEZE_GROUPS)
+                    self.bad("peft.unfreeze", pattern, f"a group ({groups}) or a regex ({e})")
+        if cfg.model.quantize is not None and p.method == "full":
+            self.bad(
+                "model.quantize",
+                cfg.model.quantize,
+                "null with peft.method=full "
+                "(quantized base weights are frozen; use lora, dora, adapter or feature)",
+            )
+        for axis in ("data", "fsdp", "tensor"):
+            if getattr(m, axis) < 1 and getattr(m, axis) != -1:
+                self.bad(f"mesh.{axis}", getattr(m, axis), "-1 (the rest of the devices) or >= 1")
+        if sum(v == -1 for v in (m.data, m.fsdp, m.tensor)) > 1:
+            self.fail(
+                "mesh", f"at most one of data={m.data}, fsdp={m.fsdp}, tensor={m.tensor} may be -1"
+            )
+        if cfg.optim.warmup_steps > 0 and cfg.optim.warmup_ratio > 0:
+            self.fail(
+                "optim.warmup_ratio", "set optim.warmup_steps or optim.warmup_ratio, not both"
+            )
+        d = cfg.data
+        if d.validation_fraction + d.test_fraction >= 1:
+            self.bad(
+                "data.test_fraction",
+                d.test_fraction,
+                f"data.validation_fraction + data.test_fraction < 1 "
+                f"(validation_fraction is {d.validation_fraction})",
+            )
+        buckets = d.length_buckets
+        if any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
+            self.bad("data.length_buckets", list(buckets), "strictly increasing positive lengths")
+        if cfg.model.max_seq_len is not None and t.seq_len > cfg.model.max_seq_len:
+            self.bad("train.seq_len", t.seq_len, f"<= model.max_seq_len={cfg.model.max_seq_len}")
+        evaluates = t.eval_every > 0 or cfg.eval.every > 0
+        if t.early_stopping_patience > 0 and not evaluates:
+            self.fail(
+                "train.early_stopping_patience",
+                "needs evaluations; set train.eval_every or eval.every > 0",
+            )
+        if cfg.checkpoint.keep_best and not evaluates:
+            self.fail(
+                "checkpoint.keep_best", "needs evaluations; set train.eval_every or eval.every > 0"
+            )
+        if not cfg.run.dir:
+            self.bad("run.dir", cfg.run.dir, "a non-empty directory path")
+
+
+# ---------------------------------------------------------------------- public API
+
+
+def _set_override(raw: dict, arg: str, source: str, origins: dict[str, str]) -> None:
+    """Apply one ``section.key=value`` override to the raw nested dict, in place."""
+    key, sep, text = arg.partition("=")
+    key = key.strip()
+    where = f"{source}: override {arg!r}"
+    parts = key.split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"{where}: expected section.key=value (e.g. train.steps=100)")
+    value, _ = _parse_yaml(text, where) if text.strip() else (None, {})
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    for k in [k for k in origins if k == key or k.startswith(key + ".")]:
+        del origins[k]
+    origins[key] = where
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML run config, apply dotted overrides, and validate it.
+
+    Args:
+      path: YAML file; None starts from the defaults (overrides must then say the rest).
+      overrides: ``section.key=value`` strings; values are YAML scalars or flow lists and
+        mappings, e.g. ``train.steps=10``, ``peft.targets=[q_proj,v_proj]``,
+        ``model.path=null``, ``data.fields.output=answer``.
+
+    Returns:
+      The frozen, validated :class:`Config`.
+
+    Raises:
+      ConfigError: the file is missing or not YAML, or a key, type or value is invalid;
+        the one-line message names the file (and line), the dotted key and what is allowed.
+    """
+    raw: Any = {}
+    origins: dict[str, str] = {}
+    source = "<command line>" if path is None else str(path)
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: cannot read config file: {e}") from None
+        raw, lines = _parse_yaml(text, source)
+        origins = {key: f"{source}:{line}" for key, line in lines.items()}
+    raw = {} if raw is None else raw
+    if overrides and not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {_short(raw)}")
+    for arg in overrides:
+        _set_override(raw, arg, source, origins)
+    return _Builder(source, origins).build(raw)
+
+
+def config_from_dict(d: Mapping[str, Any] | None, source: str = "<dict>") -> Config:
+    """Validate a nested dict (as a YAML file would hold it) into a :class:`Config`.
+
+    Args:
+      d: ``{section: {key: value}}``; missing sections and keys take their defaults.
+      source: name used in error messages.
+    """
+    return _Builder(source, {}).build(d)
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str], source: str = "<config>") -> Config:
+    """Return ``cfg`` with dotted ``key=value`` overrides applied, validated again."""
+    raw, origins = config_to_dict(cfg), {}
+    for arg in overrides:
+        _set_override(raw, arg, source, origins)
+    return _Builder(source, origins).build(raw)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The config as plain nested dicts and lists (YAML/JSON-ready), every key present."""
+    return {
+        name: {f.name: _plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
+        for name, section in ((n, getattr(cfg, n)) for n in SECTIONS)
+    }
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically); ``load_config`` reads it back equal."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.dump(
+        config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100
+    )
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("# jaxtune resolved config\n" + text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def resolve_mesh(mesh: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Resolve a -1 axis against the device count; return ``(data, fsdp, tensor)``.
+
+    Raises:
+      ConfigError: the axes cannot multiply to ``n_devices``.
+    """
+    shape = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    desc = " x ".join(f"{k}={v}" for k, v in shape.items())
+    fixed = 1
+    for v in shape.values():
+        fixed *= v if v != -1 else 1
+    if -1 in shape.values():
+        if n_devices % fixed:
+            raise ConfigError(
+                f"mesh {desc}: {n_devices} devices are not divisible by the fixed axes' "
+                f"product {fixed}"
+            )
+        shape = {k: (n_devices // fixed if v == -1 else v) for k, v in shape.items()}
+    product = shape["data"] * shape["fsdp"] * shape["tensor"]
+    if product != n_devices:
+        raise ConfigError(
+            f"mesh {desc} = {product} does not match {n_devices} devices "
+            "(set one of mesh.data, mesh.fsdp, mesh.tensor to -1 to use the rest)"
+        )
+    return shape["data"], shape["fsdp"], shape["tensor"]
+
+
+def validate_against_devices(
+    cfg: Config, n_devices: int, process_count: int = 1
+) -> tuple[int, int, int]:
+    """Check the mesh and batch size against the available devices.
+
+    Args:
+      cfg: a validated config.
+      n_devices: global device count (``jax.device_count()``).
+      process_count: number of hosts (``jax.process_count()``); each loads its share.
+
+    Returns:
+      The resolved mesh shape ``(data, fsdp, tensor)``.
+
+    Raises:
+      ConfigError: the mesh does not fit, or ``train.batch_size`` cannot be split evenly
+        over the batch-sharding axes (data x fsdp) or over the hosts.
+    """
+    data, fsdp, tensor = resolve_mesh(cfg.mesh, n_devices)
+    batch = cfg.train.batch_size
+    if batch % (data * fsdp):
+        raise ConfigError(
+            f"train.batch_size={batch} is not divisible by mesh data x fsdp = "
+            f"{data} x {fsdp} = {data * fsdp} (the batch is split over those axes)"
+        )
+    if batch % process_count:
+        raise ConfigError(
+            f"train.batch_size={batch} is not divisible by the {process_count} processes"
+        )
+    return data, fsdp, tensor
+
+
+def validate_config(cfg: Config, source: str = "<config>") -> Config:
+    """Validate a programmatically built :class:`Config` (returns a normalised copy)."""
+    return config_from_dict(config_to_dict(cfg), source)
+
+
+# ------------------------------------------------------------------------- reference
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> description, parsed from the ``Attributes:`` section of a docstring."""
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    if "Attributes:" not in lines:
+        return {}
+    docs: dict[str, str] = {}
+    name, base = None, None
+    for line in lines[lines.index("Attributes:") + 1 :]:
+        indent = len(line) - len(line.lstrip())
+        m = re.match(r"\s*(\w+): (.*)", line)
+        if m and base in (None, indent):
+            base, name = indent, m[1]
+            docs[name] = m[2].strip()
+        elif name and line.strip() and indent > base:
+            docs[name] += " " + line.strip()
+        else:
+            break
+    return docs
+
+
+def _inline(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_inline(v)}" for k, v in value.items()) + "}"
+    return repr(value) if value == "" else str(value)
+
+
+def config_reference_markdown() -> str:
+    """The config reference as Markdown, generated from the schema dataclasses.
+
+    One table per section (key, type, default, description with allowed values).
+    """
+    out = [
+        "# Config reference",
+        "",
+        "<!-- Generated by jaxtune.config.config_reference_markdown(); do not edit. -->",
+        "",
+        "Every key can be set in the YAML file or overridden on the command line as",
+        "`section.key=value` (YAML syntax: `train.steps=10`, `peft.targets=[q_proj,v_proj]`).",
+    ]
+    all_defaults = config_to_dict(Config())
+    for name, cls in SECTIONS.items():
+        summary = inspect.cleandoc(cls.__doc__ or "").splitlines()[0]
+        out += ["", f"## `{name}`", "", summary, ""]
+        out += ["| Key | Type | Default | Description |", "|---|---|---|---|"]
+        docs = field_docs(cls)
+        defaults = all_defaults[name]
+        for f in dataclasses.fields(cls):
+            dotted = f"{name}.{f.name}"
+            desc = docs.get(f.name, "").replace("``", "`")
+            if dotted in CHOICES:
+                desc += " One of: " + ", ".join(f"`{c}`" for c in CHOICES[dotted]) + "."
+            if dotted in RANGES:
+                desc += f" Range: `{RANGES[dotted]}`."
+            typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            row = [f"`{f.name}`", f"`{typ}`", f"`{_inline(defaults[f.name])}`", desc]
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,334 @@
+"""Weights in from HF safetensors directories / GGUF files, out as HF directories.
+
+Import streams tensors one at a time through the family key table into (sharded)
+device arrays: a parameter becomes a device array as soon as all its layers are read,
+and host buffers are freed, so peak host memory stays near one copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtune.errors import ConfigError, ModelLoadError
+from jaxtune.hf import safetensors_io as st
+from jaxtune.hf.keymap import path_str
+from jaxtune.models import abstract_model, family_for_model_type, family_of_config, fill_model
+
+PICKLE_NAMES = (
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "model.pt",
+    "consolidated.00.pth",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+ShardingFn = Callable[[tuple, nnx.Variable], jax.sharding.Sharding]
+
+
+# ------------------------------------------------------------------------- reading
+
+
+def read_hf_config(model_dir: Path):
+    """(family, model config) from ``model_dir/config.json``."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{model_dir}: no config.json (expected a Hugging Face model directory)"
+        )
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: invalid JSON ({e})") from None
+    fam = family_for_model_type(d.get("model_type"))
+    if fam is None:
+        archs = d.get("architectures") or [d.get("model_type")]
+        raise ConfigError(
+            f"{path}: unsupported architecture {archs[0]!r} (model_type {d.get('model_type')!r}); "
+            "jaxtune supports Llama, Mistral, Qwen2, TinyLlama and SmolLM2 checkpoints"
+        )
+    return fam, fam.hf_module().config_from_hf(d, str(path))
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model dir (sharded via the index, or single)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{index}: invalid index ({e})") from None
+        files = sorted({model_dir / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(f"{index}: lists {f.name}, which does not exist")
+        return files
+    single = sorted(model_dir.glob("*.safetensors"))
+    if single:
+        return single
+    pickled = [n for n in PICKLE_NAMES if (model_dir / n).exists()]
+    if pickled:
+        raise ModelLoadError(
+            f"{model_dir}: only a pickled PyTorch checkpoint ({pickled[0]}) is here. jaxtune "
+            "never unpickles weights (it can execute code). Convert it once, in an environment "
+            'you trust, with: python -c "from transformers import AutoModelForCausalLM as M; '
+            f"M.from_pretrained('{model_dir}').save_pretrained('OUT', safe_serialization=True)\""
+        )
+    raise ModelLoadError(f"{model_dir}: no *.safetensors weights found")
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray, str]]:
+    for f in files:
+        for name, arr in st.iter_tensors(f):
+            yield name, arr, str(f)
+
+
+def default_sharding(path, var) -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def load_params(
+    cfg,
+    tensors: Iterator[tuple[str, np.ndarray, str]],
+    *,
+    dtype=jnp.float32,
+    sharding: ShardingFn | None = None,
+    source: str = "",
+) -> nnx.Module:
+    """Streams HF-named tensors into a model of architecture ``cfg``.
+
+    Args:
+      cfg: model config (decides family, shapes, scanned or not).
+      tensors: (hf_name, array in HF layout, file name) items, consumed once.
+      dtype: parameter dtype.
+      sharding: ``(path, abstract variable) -> Sharding``; default: first device.
+      source: for error messages.
+
+    Returns:
+      The model with every parameter loaded. Missing, unexpected or mis-shaped tensors
+      raise :class:`ModelLoadError` naming the tensor (and both shapes).
+    """
+    fam = family_of_config(cfg)
+    hf = fam.hf_module()
+    keymap = hf.KEYMAP
+    sharding = sharding or default_sharding
+    abstract = abstract_model(cfg, dtype)
+    _, state = nnx.split(abstract)
+    expected = dict(nnx.to_flat_state(state))
+    scanned = cfg.scan_layers
+    n_layers = cfg.num_layers
+    buffers: dict[tuple, np.ndarray] = {}
+    filled: dict[tuple, set] = {}
+    done: dict[tuple, jax.Array] = {}
+
+    def finish(path):
+        var = expected[path]
+        buf = buffers.pop(path)
+        done[path] = jax.make_array_from_callback(
+            buf.shape, sharding(path, var), lambda idx: buf[idx]
+        )
+
+    for name, arr, fname in tensors:
+        hit = keymap.match(name)
+        if hit is None:
+            if any(name.endswith(s) for s in hf.IGNORED):
+                continue
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # some exports keep a copy of the tied embedding
+            raise ModelLoadError(
+                f"{fname}: unexpected tensor {name!r} (not a weight of this {cfg.family} model)"
+            )
+        rule, layer = hit
+        if layer is not None and layer >= n_layers:
+            raise ModelLoadError(
+                f"{fname}: tensor {name!r} is for layer {layer}, but config has {n_layers} layers"
+            )
+        path, idx = rule.ours_path(layer, scanned)
+        if path not in expected:
+            raise ModelLoadError(
+                f"{fname}: tensor {name!r} is not used by this config ({path_str(path)})"
+            )
+        var = expected[path]
+        want = tuple(var.shape[1:] if idx is not None else var.shape)
+        value = rule.to_ours(np.asarray(arr))
+        if tuple(value.shape) != want:
+            hf_want = tuple(rule.to_hf(np.empty(want, np.int8)).shape)
+            raise ModelLoadError(
+                f"{fname}: tensor {name!r} has shape {tuple(arr.shape)}, expected {hf_want} for this config"
+            )
+        np_dtype = np.dtype(jnp.dtype(var.dtype))
+        if idx is None:
+            buffers[path] = value.astype(np_dtype)
+            finish(path)
+            continue
+        if path not in buffers:
+            buffers[path] = np.empty(var.shape, np_dtype)
+            filled[path] = set()
+        buffers[path][idx] = value
+        filled[path].add(idx)
+        if len(filled[path]) == n_layers:
+            finish(path)
+
+    missing = [p for p in expected if p not in done]
+    if missing:
+        names = []
+        for p in missing[:3]:
+            for rule in keymap.rules:
+                if any(
+                    rule.ours_path(i, scanned)[0] == p
+                    for i in ([0] if scanned else range(n_layers))
+                ):
+                    got = filled.get(p, set())
+                    layer = min(set(range(n_layers)) - got) if rule.layered else None
+                    names.append(rule.hf.format(i=layer) if rule.layered else rule.hf)
+                    break
+            else:
+                names.append(path_str(p))
+        raise ModelLoadError(
+            f"{source}: missing tensor(s) {names} (and {max(0, len(missing) - 3)} more)"
+        )
+    return fill_model(abstract, done)
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF name, numpy array in HF layout) for every base parameter."""
+    cfg = model.config
+    keymap = family_of_config(cfg).hf_module().KEYMAP
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for rule in keymap.rules:
+        for hf_name, layer in keymap.hf_names(rule, cfg.num_layers):
+            path, idx = rule.ours_path(layer, cfg.scan_layers)
+            if path not in flat:
+                continue
+            arr = flat[path][...]
+            if idx is not None:
+                arr = arr[idx]
+            arr = np.asarray(jax.device_get(arr))
+            if dtype is not None:
+                arr = arr.astype(np.dtype(jnp.dtype(dtype)))
+            yield hf_name, rule.to_hf(arr)
+
+
+def atomic_dir(out_dir: Path):
+    """Context manager: write into a temp sibling dir, rename into place on success."""
+
+    class _Atomic:
+        def __enter__(self):
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            if out_dir.exists() and any(out_dir.iterdir()):
+                if (
+                    not (out_dir / "config.json").exists()
+                    and not (out_dir / "jaxtune.json").exists()
+                ):
+                    raise ModelLoadError(
+                        f"{out_dir}: exists and is not a model directory; refusing to overwrite"
+                    )
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            if out_dir.exists():
+                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+                os.replace(out_dir, old)
+                os.replace(self.tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, out_dir)
+            return False
+
+    return _Atomic()
+
+
+def write_hf_weights(
+    tensors: Iterator[tuple[str, np.ndarray]], out: Path, max_shard_bytes: int = 2 << 30
+):
+    """Writes ``model.safetensors`` or shards + ``model.safetensors.index.json``."""
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    # Shards are flushed as they fill so only one shard is held in host memory.
+    written: list[tuple[str, list[str]]] = []
+    total = 0
+
+    def flush(final=False):
+        idx = len(written) + 1
+        name = f"model-{idx:05d}.safetensors.tmp"
+        st.write_file(out / name, shards[0])
+        written.append((name, list(shards[0])))
+        shards[0] = {}
+        sizes[0] = 0
+
+    for name, arr in tensors:
+        if sizes[0] and sizes[0] + arr.nbytes > max_shard_bytes:
+            flush()
+        shards[0][name] = arr
+        sizes[0] += arr.nbytes
+        total += arr.nbytes
+    if shards[0] or not written:
+        flush()
+    if len(written) == 1:
+        os.replace(out / written[0][0], out / "model.safetensors")
+        return
+    n = len(written)
+    weight_map = {}
+    for i, (tmp, names) in enumerate(written, 1):
+        final = f"model-{i:05d}-of-{n:05d}.safetensors"
+        os.replace(out / tmp, out / final)
+        weight_map.update({k: final for k in names})
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+
+
+def save_hf(
+    model: nnx.Module,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    dtype=None,
+    max_shard_bytes=2 << 30,
+):
+    """Writes an HF model directory that ``transformers`` loads.
+
+    Args:
+      model: a jaxtune model without unmerged adapters (merge them first).
+      out_dir: target directory, written atomically (never left half-written).
+      tokenizer: optional HF tokenizer saved beside the weights.
+      dtype: weight dtype in the files (default: the parameters' dtype).
+    """
+    out_dir = Path(out_dir)
+    cfg = model.config
+    hf = family_of_config(cfg).hf_module()
+    with atomic_dir(out_dir) as tmp:
+        config = hf.config_to_hf(cfg)
+        first = nnx.to_flat_state(nnx.state(model, nnx.Param))[0][1]
+        config["dtype"] = str(jnp.dtype(dtype or first.dtype))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_hf_weights(iter_hf_tensors(model, dtype), tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out_dir

@@ -1,0 +1,303 @@
+"""Building blocks shared by every model family.
+
+Every parameter is an ``nnx.Variable`` whose ``axes`` metadata names its logical axes
+(``embed``, ``mlp``, ``heads``, ``kv_heads``, ``vocab``, ``layers``, ``lora_rank``...);
+``jaxtune.sharding`` maps those names to mesh axes. Models never name mesh axes.
+
+Layers may be *stacked*: built with ``lead=(L,)`` their parameters get a leading
+``layers`` axis so the model can ``lax.scan`` over depth (compile time flat in depth).
+Inside the scan body the same module code sees one layer's slice, so nothing here
+depends on whether it is stacked.
+
+Shapes use: B batch, T query length, S key length, D embed, N query heads,
+K kv heads, H head dim, F mlp hidden, V vocab, R LoRA rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
+    """A parameter with logical ``axes``; ``rngs=None`` means zeros (abstract loads)."""
+    assert len(shape) == len(axes), (shape, axes)
+    value = init(rngs.params(), tuple(shape), dtype) if rngs is not None else None
+    if value is None:
+        value = jnp.zeros(tuple(shape), dtype)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+def lead_axes(lead: Sequence[int]) -> Axes:
+    return ("layers",) * len(lead)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)`` with optional LoRA / DoRA factors.
+
+    kernel: [*lead, in, out]. LoRA (set by ``jaxtune.peft.lora``) adds ``lora_a``
+    [*lead, in, R] and ``lora_b`` [*lead, R, out] as ``nnx.LoRAParam``; DoRA also adds
+    ``dora_m`` [*lead, out]. The base parameter paths (``.../kernel``) never change, so
+    a base checkpoint loads into a model with adapters as-is.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        axes: tuple[str | None, str | None],
+        *,
+        use_bias: bool = False,
+        lead: Sequence[int] = (),
+        dtype=jnp.float32,
+        init_std: float = 0.02,
+        rngs: nnx.Rngs | None,
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel = param(
+            rngs,
+            nnx.initializers.normal(init_std),
+            (*lead, in_features, out_features),
+            dtype,
+            (*lead_axes(lead), *axes),
+        )
+        self.bias = (
+            param(
+                rngs,
+                nnx.initializers.zeros,
+                (*lead, out_features),
+                dtype,
+                (*lead_axes(lead), axes[1]),
+            )
+            if use_bias
+            else None
+        )
+        # Filled in by jaxtune.peft.lora; None keeps the plain linear path.
+        self.lora_a: nnx.LoRAParam | None = None
+        self.lora_b: nnx.LoRAParam | None = None
+        self.dora_m: nnx.LoRAParam | None = None
+        self.lora_scale: float = 0.0
+        self.lora_dropout: float = 0.0
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """x: [..., in] -> [..., out] in x's dtype."""
+        kernel = self.kernel[...].astype(x.dtype)
+        if self.dora_m is not None:
+            return self._dora(x, kernel, rng)
+        y = x @ kernel
+        if self.lora_a is not None:
+            y = y + self._lora_delta(x, rng)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+    def _dropout(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+        if self.lora_dropout <= 0.0 or rng is None:
+            return x
+        keep = jax.random.bernoulli(rng, 1.0 - self.lora_dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(x.dtype)
+
+    def _lora_delta(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+        a = self.lora_a[...].astype(x.dtype)
+        b = self.lora_b[...].astype(x.dtype)
+        return (self._dropout(x, rng) @ a) @ b * jnp.asarray(self.lora_scale, x.dtype)
+
+    def _dora(self, x: jax.Array, kernel: jax.Array, rng: jax.Array | None) -> jax.Array:
+        # DoRA (Liu et al. 2024), as PEFT computes it: W' = m * (W + s*B*A) / ||W + s*B*A||
+        # with the column norm over the input dim, treated as a constant in the backward
+        # pass. Written as base + correction so dropout applies only to the LoRA branch.
+        a = self.lora_a[...].astype(x.dtype)
+        b = self.lora_b[...].astype(x.dtype)
+        scale = jnp.asarray(self.lora_scale, x.dtype)
+        w = kernel + scale * (a @ b)  # [in, out]
+        norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=0)))
+        mag = self.dora_m[...].astype(jnp.float32) / norm  # [out]
+        mag = mag.astype(x.dtype)
+        base = x @ kernel
+        lora = (self._dropout(x, rng) @ a) @ b * scale
+        y = (mag - 1) * base + mag * lora + base
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table [V, D]; ``attend`` gives tied output logits."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None):
+        self.embedding = param(
+            rngs, nnx.initializers.normal(0.02), (vocab, dim), dtype, ("vocab", "embed")
+        )
+
+    def __call__(self, ids: jax.Array, dtype=None) -> jax.Array:
+        """ids: int [B, T] -> [B, T, D]."""
+        table = self.embedding[...]
+        return jnp.take(table, ids, axis=0).astype(dtype or table.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, D] -> logits [B, T, V]."""
+        return x @ self.embedding[...].astype(x.dtype).T
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32; ``unit_offset`` gives Gemma's ``(1 + w)`` scale."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-6,
+        unit_offset: bool = False,
+        lead: Sequence[int] = (),
+        dtype=jnp.float32,
+        rngs: nnx.Rngs | None,
+    ):
+        # Norm scales are deterministic (ones, or zeros for the (1 + w) form): no rngs.
+        value = (jnp.zeros if unit_offset else jnp.ones)((*lead, dim), dtype)
+        self.scale = nnx.Param(value, axes=(*lead_axes(lead), "norm"))
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., D] -> [..., D] in x's dtype."""
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
+        w = self.scale[...].astype(jnp.float32)
+        if self.unit_offset:
+            w = 1.0 + w
+        # HF Llama casts the normalised activations back before scaling; matching the
+        # order keeps bf16 parity too.
+        return (w * h.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """Inverse frequencies [H/2] for rotate-half RoPE, with HF's scaling rules.
+
+    Supported ``scaling['rope_type']``: ``default``, ``linear``, ``llama3``.
+    """
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        pass
+    elif kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    else:
+        raise ValueError(f"unsupported rope_type {kind!r}")
+    return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """positions: int [B, T] -> (cos, sin), each float32 [B, T, H]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF-style rotate-half RoPE. x: [B, T, N, H]; cos/sin: [B, T, H]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    c = cos[:, :, None, :].astype(jnp.float32)
+    s = sin[:, :, None, :].astype(jnp.float32)
+    out = x.astype(jnp.float32) * c + rotated.astype(jnp.float32) * s
+    return out.astype(x.dtype)
+
+
+# ------------------------------------------------------------------------ attention
+
+
+def attention_mask(
+    q_index: jax.Array,
+    kv_index: jax.Array,
+    kv_valid: jax.Array | None = None,
+    q_segment: jax.Array | None = None,
+    kv_segment: jax.Array | None = None,
+    window: jax.Array | int | None = None,
+    causal: bool = True,
+) -> jax.Array:
+    """Boolean mask [B, 1, T, S]: may query t attend to key s?
+
+    Causality and sliding windows use token *indices* (slot in the row / cache), not
+    RoPE positions, so packed rows (positions restart per segment) stay causal.
+
+    Args:
+      q_index: int [B, T] index of each query token.
+      kv_index: int [B, S] index of each key token.
+      kv_valid: bool/int [B, S], 0 on padding (and empty cache slots).
+      q_segment / kv_segment: int [B, T] / [B, S] packed-example ids; attention only
+        within equal ids.
+      window: sliding window (traced or static); ``<= 0`` or None = global.
+      causal: False for encoders.
+    """
+    q = q_index[:, :, None]
+    k = kv_index[:, None, :]
+    mask = jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), dtype=bool)
+    if causal:
+        mask = mask & (k <= q)
+    if window is not None:
+        w = jnp.asarray(window)
+        mask = mask & ((w <= 0) | (q - k < w))
+    if kv_valid is not None:
+        mask = mask & (kv_valid[:, None, :] > 0)
+    if q_segment is not None and kv_segment is not None:
+        mask = mask & (q_segment[:, :, None] == kv_segment[:, None, :])
+    return mask[:, None, :, :]
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Grouped-query attention.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K.
+      mask: bool [B, 1, T, S].
+      scale: multiplier of q·k.
+      softcap: Gemma 2 style ``tanh`` capping of the scores (XLA path only).
+      implementation: None/"xla"/"cudnn", passed to ``jax.nn.dot_product_attention``.
+
+    Returns:
+      [B, T, N, H] in q's dtype. Fully masked query rows give zeros, not NaN.
+    """
+    if softcap is None:
+        impl = None if implementation in (None, "auto") else implementation
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * scale
+    scores = jnp.tanh(scores / softcap) * softcap
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
