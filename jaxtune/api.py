@@ -72,8 +72,9 @@ def from_pretrained(
       ``model.source`` remembers where it came from (tokenizer lookup).
     """
     from jaxtune.hf import io as hf_io
+    from jaxtune.resources import resolve_path
 
-    path = Path(path)
+    path = resolve_path(path)
     kind = model_kind(path)
     dtype = resolve_dtype(dtype)
     opts = dict(config_overrides)
@@ -108,9 +109,9 @@ def from_pretrained(
 
 def load_tokenizer(path: str | os.PathLike):
     """The HF tokenizer for a model path (HF dir, .gguf, jaxtune checkpoint or run dir)."""
-    from transformers import AutoTokenizer
+    from jaxtune.resources import resolve_path
 
-    path = Path(path)
+    path = resolve_path(path)
     kind = model_kind(path)
     if kind == "gguf":
         from jaxtune.hf.gguf import load_gguf_tokenizer
@@ -121,6 +122,19 @@ def load_tokenizer(path: str | os.PathLike):
 
         return load_tokenizer(run_model_source(path))
     try:
+        if (path / "tokenizer.json").is_file():
+            # The fast-tokenizer class directly: AutoTokenizer imports torch when present.
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+        if not any(
+            (path / n).is_file() for n in ("tokenizer_config.json", "tokenizer.model", "vocab.json")
+        ):
+            raise ModelLoadError(
+                f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...)"
+            )
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load a tokenizer ({e})") from None

