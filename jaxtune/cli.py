@@ -16,6 +16,8 @@ import time
 from jaxtune.errors import JaxtuneError
 
 EXAMPLES = {
+    "train": "jaxtune train configs/quickstart.yaml train.steps=20 run.dir=runs/try",
+    "data": "jaxtune data inspect configs/quickstart.yaml",
     "convert": "jaxtune convert path/to/SmolLM2-135M-Instruct.Q4_1.gguf ckpt/smollm2",
     "generate": 'jaxtune generate --model ckpt/smollm2 --prompt "What is the capital of France?" --chat',
 }
@@ -144,7 +146,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "generate": cmd_generate}
+def cmd_train(args) -> int:
+    from jaxtune.config import load_config
+    from jaxtune.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    out = train(cfg)
+    print(
+        f"run dir: {out['run_dir']} ({out['steps']} steps, {out['seconds']:.0f}s, {out['stop_reason']})"
+    )
+    return 0
+
+
+def cmd_data(args) -> int:
+    from pathlib import Path
+
+    from jaxtune.api import load_tokenizer
+    from jaxtune.config import load_config
+    from jaxtune.data import inspect_data
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.run.dir) / "data_report"
+    tok = load_tokenizer(cfg.model.path)
+    inspect_data(
+        cfg.data, tok, cfg.train.seq_len, out, batch_size=cfg.train.batch_size, seed=cfg.train.seed
+    )
+    print(f"report written to {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "data": cmd_data, "convert": cmd_convert, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

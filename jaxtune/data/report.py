@@ -1,0 +1,231 @@
+"""``jaxtune data inspect``: a report on the data before any training step runs.
+
+:func:`inspect_data` builds every split (through the same cache as training), then
+writes to ``out_dir``:
+
+* ``report.json``: all numbers, per split;
+* ``report.md``: the same as tables, plus three rendered examples per split with the
+  untrained part (the prompt) in ``[[...]]``;
+* ``lengths.png``: token-length histogram per split (lengths before truncation), with
+  ``seq_len`` marked;
+
+and prints a console table. It returns the ``report.json`` content.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxtune.data.config import DataConfig
+from jaxtune.data.iterator import BatchIterator, padding_fraction
+from jaxtune.data.splits import SPLITS
+from jaxtune.data.tokenized import TokenizedDataset, build_datasets
+
+NUM_RENDERED = 3
+
+
+def render_example(ds: TokenizedDataset, i: int, tokenizer) -> str:
+    """Example ``i`` as text, untrained tokens in ``[[...]]`` (the label appended)."""
+    ids, mask = ds.example(i)
+    parts, start = [], 0
+    # Token 0 is never a target, so it shares the run of the token after it.
+    flags = mask.astype(bool).copy()
+    if len(flags) > 1:
+        flags[0] = flags[1]
+    for t in range(1, len(ids) + 1):
+        if t == len(ids) or flags[t] != flags[start]:
+            text = tokenizer.decode(ids[start:t].tolist(), skip_special_tokens=False)
+            parts.append(text if flags[start] else f"[[{text}]]")
+            start = t
+    out = "".join(parts)
+    if ds.labels is not None:
+        out += f"  -> label {ds.label_names[int(ds.labels[i])]!r}"
+    if ds.full_lengths[i] > len(ids):
+        out += f"  (truncated from {int(ds.full_lengths[i])} tokens)"
+    return out
+
+
+def split_report(ds: TokenizedDataset, batch_size: int, seed: int, tokenizer) -> dict[str, Any]:
+    """Numbers and rendered examples of one split."""
+    s = dict(ds.stats)
+    lengths = ds.full_lengths.astype(np.int64)
+    targets = int(ds.offsets[-1]) - ds.num_examples  # the last token of each has no target
+    it = BatchIterator(ds, min(batch_size, len(ds)), seed=seed, drop_remainder=False)
+    s.update(
+        truncated_pct=100.0 * s["truncated"] / max(ds.num_examples, 1),
+        padding_pct=100.0 * padding_fraction(it),
+        # Classification trains a head on labels, not tokens: no token coverage to show.
+        loss_mask_coverage_pct=None
+        if ds.labels is not None
+        else 100.0 * s["trained_tokens"] / max(targets, 1),
+        length_mean=float(lengths.mean()),
+        length_p50=int(np.percentile(lengths, 50)),
+        length_p95=int(np.percentile(lengths, 95)),
+        length_max=int(lengths.max()),
+        seq_len=ds.seq_len,
+        source_files=ds.source_paths,
+        held_out=ds.held_out,
+        packed=ds.packed,
+        rendered=[
+            render_example(ds, i, tokenizer) for i in range(min(NUM_RENDERED, ds.num_examples))
+        ],
+    )
+    if ds.label_names is not None:
+        s["label_names"] = ds.label_names
+    return s
+
+
+def _histogram(datasets: dict[str, TokenizedDataset], seq_len: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training hosts
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    top = max(int(ds.full_lengths.max()) for ds in datasets.values())
+    bins = np.linspace(0, max(top, seq_len) + 1, 50)
+    for name, ds in datasets.items():
+        ax.hist(ds.full_lengths, bins=bins, alpha=0.6, label=f"{name} ({ds.num_examples})")
+    ax.axvline(seq_len, color="k", linestyle="--", label=f"seq_len={seq_len}")
+    ax.set_xlabel("tokens per example (before truncation)")
+    ax.set_ylabel("examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+_ROWS = [
+    ("records read", "records", "{}"),
+    ("examples", "examples", "{}"),
+    ("rows (after packing)", "rows", "{}"),
+    ("skipped invalid", "skipped", "{}"),
+    ("truncated", "truncated_pct", "{:.1f}%"),
+    ("padding", "padding_pct", "{:.1f}%"),
+    ("loss-mask coverage", "loss_mask_coverage_pct", "{:.1f}%"),
+    ("tokens", "tokens", "{}"),
+    ("length mean / p95 / max", None, None),
+    ("duplicates in split", "duplicates", "{}"),
+    ("overlap with other splits", "overlap", None),
+    ("missing optional fields", "missing_fields", None),
+    ("empty fields", "empty_fields", None),
+    ("label balance", "label_counts", None),
+]
+
+
+def _cell(s: dict[str, Any], key: str | None, fmt: str | None) -> str:
+    if key is None:
+        return f"{s['length_mean']:.0f} / {s['length_p95']} / {s['length_max']}"
+    value = s.get(key)
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
+    return fmt.format(value) if fmt else str(value)
+
+
+def _table(report: dict[str, Any]) -> list[list[str]]:
+    splits = list(report["splits"])
+    rows = [["", *splits]]
+    for title, key, fmt in _ROWS:
+        if key == "label_counts" and all("label_counts" not in report["splits"][s] for s in splits):
+            continue
+        rows.append([title, *(_cell(report["splits"][s], key, fmt) for s in splits)])
+    return rows
+
+
+def format_console(report: dict[str, Any]) -> str:
+    """The report as a fixed-width text table."""
+    rows = _table(report)
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: config summary, table, skipped rows, rendered examples."""
+    rows = _table(report)
+    out = [
+        "# Data report",
+        "",
+        f"format `{report['format']}`, seq_len {report['seq_len']}, "
+        f"packing {report['packing']}, batch size {report['batch_size']}",
+        "",
+        "| " + " | ".join(rows[0]) + " |",
+        "|" + "---|" * len(rows[0]),
+    ]
+    sources = [""]
+    for name, s in report["splits"].items():
+        where = ", ".join(f"`{p}`" for p in s["source_files"])
+        sources.append(f"- {name}: {where}" + (f" ({s['held_out']})" if s["held_out"] else ""))
+    out[4:4] = [*sources[1:], ""]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
+    out += ["", "![token lengths](lengths.png)", ""]
+    for name, s in report["splits"].items():
+        if s.get("skipped_examples"):
+            out += [f"## Skipped rows in {name}", ""]
+            out += [f"- {m}" for m in s["skipped_examples"]] + [""]
+        out += [f"## Examples from {name} (untrained part in [[...]])", ""]
+        for text in s["rendered"]:
+            out += ["```", text.replace("```", "` ` `"), "```", ""]
+    return "\n".join(out)
+
+
+def inspect_data(
+    cfg: DataConfig,
+    tokenizer,
+    seq_len: int,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """Builds the data as training would and writes the report files.
+
+    Args:
+      cfg: the ``data`` config section.
+      tokenizer: the model's tokenizer.
+      seq_len: ``train.seq_len``.
+      out_dir: directory for ``report.json``, ``report.md`` and ``lengths.png``.
+      batch_size: batch size used to measure padding.
+      seed: order seed used to measure padding (padding depends on batch composition).
+      echo: print the console table.
+
+    Returns:
+      The report: ``format``, ``seq_len``, ``packing``, ``batch_size``, ``files``
+      (written paths) and ``splits`` (per split: the dataset stats plus
+      ``truncated_pct``, ``padding_pct``, ``loss_mask_coverage_pct``, length summary and
+      ``rendered`` examples).
+
+    Raises:
+      DataError: as :func:`~jaxtune.data.build_datasets`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = build_datasets(cfg, tokenizer, seq_len, SPLITS)
+    report: dict[str, Any] = {
+        "format": cfg.format,
+        "seq_len": seq_len,
+        "packing": cfg.packing,
+        "batch_size": batch_size,
+        "splits": {n: split_report(ds, batch_size, seed, tokenizer) for n, ds in datasets.items()},
+    }
+    files = {
+        "json": out / "report.json",
+        "markdown": out / "report.md",
+        "histogram": out / "lengths.png",
+    }
+    report["files"] = {k: str(v) for k, v in files.items()}
+    _histogram(datasets, seq_len, files["histogram"])
+    files["markdown"].write_text(format_markdown(report), encoding="utf-8")
+    files["json"].write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    if echo:
+        print(format_console(report))
+        print(f"report written to {out}")
+    return report

@@ -1,0 +1,122 @@
+"""The pure, jit-compiled training and evaluation steps.
+
+The model is split once into ``graphdef`` (static), ``params`` (the trainable partition,
+differentiated and updated) and ``frozen`` (everything else: never differentiated, never
+donated, no optimizer state). Nothing is closed over inside jit: weights are arguments,
+so XLA never constant-folds them.
+
+Loss is the token-weighted mean cross-entropy over every trained token of the whole
+optimizer step. With gradient accumulation the per-micro-batch *sums* are added and
+divided once by the total trained-token count, so accumulation equals one big batch
+(not a mean of means).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "segment_ids")
+
+
+def token_loss_sums(model, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token cross-entropy, sum of weights) for one micro-batch.
+
+    batch: ``input_ids``/``targets``/``attention_mask``/``positions``/``segment_ids`` int32
+    [B, T] and ``loss_weights`` float32 [B, T].
+    """
+    logits = model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        rng=rng,
+    )
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    w = batch["loss_weights"].astype(jnp.float32)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+def make_train_step(
+    graphdef, tx: optax.GradientTransformation, *, grad_accum: int = 1, dropout: bool = False
+):
+    """Builds ``train_step(state, frozen, batch) -> (state, metrics)``.
+
+    Args:
+      graphdef: from ``nnx.split(model, trainable_filter, ...)``.
+      tx: optimizer over the trainable partition only.
+      grad_accum: micro-batches per step; batch arrays are then [A, B, T].
+      dropout: pass a per-step dropout key to the model.
+
+    ``state`` is ``{"step": int32 [], "params": State, "opt_state": ..., "seed": uint32 []}``.
+    Per-step randomness is ``fold_in(key(seed), step)``: resuming at step k reproduces it.
+    """
+
+    def micro(params, frozen, mb, key):
+        model = nnx.merge(graphdef, params, frozen)
+        return token_loss_sums(model, mb, key)
+
+    grad_fn = jax.value_and_grad(micro, has_aux=True)
+
+    def train_step(state: dict[str, Any], frozen, batch: dict[str, jax.Array]):
+        params = state["params"]
+        key = jax.random.fold_in(jax.random.key(state["seed"]), state["step"]) if dropout else None
+        if grad_accum == 1:
+            (loss_sum, weight), grads = grad_fn(params, frozen, batch, key)
+        else:
+
+            def body(carry, xs):
+                mb, i = xs
+                k = None if key is None else jax.random.fold_in(key, i)
+                (s, w), g = grad_fn(params, frozen, mb, k)
+                acc_s, acc_w, acc_g = carry
+                return (acc_s + s, acc_w + w, jax.tree.map(jnp.add, acc_g, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+            (loss_sum, weight, grads), _ = jax.lax.scan(body, init, (batch, jnp.arange(grad_accum)))
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        metrics = {
+            "loss": loss_sum / denom,
+            "tokens": weight,
+            "grad_norm": optax.global_norm(grads),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    """``eval_step(params, frozen, batch) -> (loss_sum, weight_sum)`` (no dropout)."""
+
+    def eval_step(params, frozen, batch):
+        model = nnx.merge(graphdef, params, frozen)
+        return token_loss_sums(model, batch, None)
+
+    return eval_step
+
+
+def stack_micro_batches(batches: list[dict], pad_values: dict[str, int] | None = None) -> dict:
+    """Stacks A host batches into [A, B, T] arrays, right-padding T to the longest."""
+    import numpy as np
+
+    t = max(b["input_ids"].shape[1] for b in batches)
+    out = {}
+    for k in batches[0]:
+        arrs = []
+        for b in batches:
+            a = b[k]
+            if a.ndim == 2 and a.shape[1] < t:
+                a = np.pad(a, ((0, 0), (0, t - a.shape[1])))
+            arrs.append(a)
+        out[k] = np.stack(arrs)
+    return out
