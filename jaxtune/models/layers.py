@@ -80,10 +80,11 @@ class Linear(nnx.Module):
             if use_bias
             else None
         )
-        # Filled in by jaxtune.peft.lora; None keeps the plain linear path.
-        self.lora_a: nnx.LoRAParam | None = None
-        self.lora_b: nnx.LoRAParam | None = None
-        self.dora_m: nnx.LoRAParam | None = None
+        # Filled in by jaxtune.peft.lora; None keeps the plain linear path. Declared as
+        # data (not static) so LoRA variables can be assigned into the slots later.
+        self.lora_a: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_b: nnx.LoRAParam | None = nnx.data(None)
+        self.dora_m: nnx.LoRAParam | None = nnx.data(None)
         self.lora_scale: float = 0.0
         self.lora_dropout: float = 0.0
 
@@ -111,9 +112,11 @@ class Linear(nnx.Module):
         return (self._dropout(x, rng) @ a) @ b * jnp.asarray(self.lora_scale, x.dtype)
 
     def _dora(self, x: jax.Array, kernel: jax.Array, rng: jax.Array | None) -> jax.Array:
-        # DoRA (Liu et al. 2024), as PEFT computes it: W' = m * (W + s*B*A) / ||W + s*B*A||
+        # DoRA (Liu et al. 2024), as PEFT computes it: W' = m * (W + s*A@B) / ||W + s*A@B||
         # with the column norm over the input dim, treated as a constant in the backward
-        # pass. Written as base + correction so dropout applies only to the LoRA branch.
+        # pass. Written as base + correction; like PEFT, with dropout active the
+        # magnitude correction sees the dropped-out input too:
+        #   y = x@W + (m/n - 1) * drop(x)@W + (m/n) * s * drop(x)@A@B  (+ bias)
         a = self.lora_a[...].astype(x.dtype)
         b = self.lora_b[...].astype(x.dtype)
         scale = jnp.asarray(self.lora_scale, x.dtype)
@@ -122,8 +125,10 @@ class Linear(nnx.Module):
         mag = self.dora_m[...].astype(jnp.float32) / norm  # [out]
         mag = mag.astype(x.dtype)
         base = x @ kernel
-        lora = (self._dropout(x, rng) @ a) @ b * scale
-        y = (mag - 1) * base + mag * lora + base
+        xd = self._dropout(x, rng)
+        base_d = base if xd is x else xd @ kernel
+        lora = (xd @ a) @ b * scale
+        y = base + (mag - 1) * base_d + mag * lora
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y

@@ -263,20 +263,22 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, lead, dtype, rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = MLP(cfg, lead, dtype, rngs)
-        # Set by jaxtune.peft.adapters; identity at init.
-        self.attn_adapter = None
-        self.mlp_adapter = None
+        # Set by jaxtune.peft.adapters (identity at init). Declared as data, not static,
+        # so adapter modules can be assigned into the slots later.
+        self.attn_adapter = nnx.data(None)
+        self.mlp_adapter = nnx.data(None)
 
     def __call__(self, x, cos, sin, mask, kv=None, cache_index=None, rng=None):
         """x: [B, T, D] -> ([B, T, D], updated kv or None)."""
-        rngs = tuple(jax.random.split(rng, 7)) if rng is not None else None
+        # 4 attention + 3 MLP projections + 2 adapters, each with its own dropout key.
+        rngs = tuple(jax.random.split(rng, 9)) if rng is not None else None
         h, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, cache_index, rngs and rngs[:4])
         if self.attn_adapter is not None:
-            h = self.attn_adapter(h)
+            h = self.attn_adapter(h, rngs and rngs[7])
         x = x + h
-        h = self.mlp(self.post_attn_norm(x), rngs and rngs[4:])
+        h = self.mlp(self.post_attn_norm(x), rngs and rngs[4:7])
         if self.mlp_adapter is not None:
-            h = self.mlp_adapter(h)
+            h = self.mlp_adapter(h, rngs and rngs[8])
         return x + h, kv
 
 

@@ -22,7 +22,7 @@ from flax import nnx
 from jaxtune.checkpoint import Checkpointer, scan_layers_for
 from jaxtune.config import Config, save_config, validate_against_devices
 from jaxtune.errors import ConfigError, TrainingError
-from jaxtune.sharding import batch_sharding, make_mesh, variable_sharding
+from jaxtune.sharding import batch_sharding, make_mesh, replicated, variable_sharding
 from jaxtune.train.logger import MetricsLogger
 from jaxtune.train.step import make_eval_step, make_train_step, stack_micro_batches
 
@@ -133,8 +133,12 @@ def evaluate_loss(eval_fn, params, frozen, dataset, cfg: Config, mesh) -> dict:
     }
 
 
-def train(cfg: Config) -> dict:
-    """Runs (or resumes) a fine-tuning run; returns a summary dict."""
+def train(cfg: Config, *, stop_after: int | None = None) -> dict:
+    """Runs (or resumes) a fine-tuning run; returns a summary dict.
+
+    ``stop_after`` ends this invocation after that global step with a checkpoint, as a
+    preemption would (time-boxed jobs; resume tests). The schedule still spans all steps.
+    """
     from jaxtune.api import load_tokenizer
     from jaxtune.data import BatchIterator, build_datasets
     from jaxtune.optim import build_optimizer, lr_schedule
@@ -192,6 +196,12 @@ def train(cfg: Config) -> dict:
         "opt_state": opt_state,
         "seed": jnp.asarray(cfg.train.seed, jnp.uint32),
     }
+    # Scalars (step, seed, optimizer counters) may sit on one device: replicate them so
+    # every input and output of the step lives on the mesh.
+    rep = replicated(mesh)
+    state = jax.tree.map(
+        lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, rep), state
+    )
     shardings = jax.tree.map(lambda x: x.sharding, state)
     dropout = cfg.peft.dropout > 0
     step_fn = jax.jit(
@@ -202,6 +212,15 @@ def train(cfg: Config) -> dict:
     eval_fn = jax.jit(make_eval_step(graphdef))
     val = datasets.get("validation")
     logger = MetricsLogger(run_dir, cfg, n_steps, start_step, params=info)
+    saved = {"step": start_step}
+
+    def save(step_no: int, metrics: dict) -> None:
+        if saved["step"] != step_no:
+            ckpt.save(
+                step_no, state["params"], state["opt_state"], it.state(), {"step": step_no}, metrics
+            )
+            saved["step"] = step_no
+
     nan_message = None
     stop_reason = "completed"
     best, bad_evals, last_eval = None, 0, None
@@ -247,14 +266,11 @@ def train(cfg: Config) -> dict:
             logger.log(row)
             every = cfg.checkpoint.every
             if (every and (step + 1) % every == 0) or pre.signal:
-                ckpt.save(
-                    step + 1,
-                    state["params"],
-                    state["opt_state"],
-                    it.state(),
-                    {"step": step + 1},
-                    _ev(row),
-                )
+                save(step + 1, _ev(row))
+            if stop_after is not None and step + 1 >= stop_after and step + 1 < n_steps:
+                save(step + 1, _ev(row))
+                stop_reason = f"stopped after step {step + 1}"
+                break
             if pre.signal:
                 stop_reason = f"stopped by {pre.signal}"
                 break
@@ -262,10 +278,8 @@ def train(cfg: Config) -> dict:
                 stop_reason = f"early stopping: {cfg.train.early_stopping_metric} did not improve"
                 break
     final_step = int(state["step"])
-    if nan_message is None and ckpt.latest_step() != final_step:
-        ckpt.save(
-            final_step, state["params"], state["opt_state"], it.state(), {"step": final_step}, {}
-        )
+    if nan_message is None:
+        save(final_step, {})
     ckpt.close()
     logger.close(stop_reason)
     if nan_message:

@@ -1,0 +1,150 @@
+"""Trainer invariants on 8 fake CPU devices: resume == uninterrupted, sharded == single."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxtune.config import load_config
+from jaxtune.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama with the real SmolLM2 tokenizer (vocab 49152)."""
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+    smollm2_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as f:
+        for _ in range(64):
+            q = " ".join(rng.choice(words, rng.integers(2, 9)))
+            f.write(
+                json.dumps({"instruction": f"Reverse: {q}", "output": " ".join(q.split()[::-1])})
+                + "\n"
+            )
+    return path
+
+
+def make_config(tmp_path, model_dir, data_file, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(
+        textwrap.dedent(
+            f"""
+            model: {{path: {model_dir}}}
+            data: {{train: {data_file}, format: instruction, template: plain, cache_dir: {tmp_path / "cache"}}}
+            peft: {{method: lora, rank: 4, alpha: 8, targets: all-linear}}
+            optim: {{lr: 0.01, schedule: linear, warmup_steps: 2}}
+            train: {{steps: 6, batch_size: 8, seq_len: 32, grad_accum: 2}}
+            checkpoint: {{every: 0, async_save: false}}
+            logging: {{progress: false}}
+            run: {{dir: {tmp_path / "run"}}}
+            """
+        )
+    )
+    return load_config(cfg_path, list(extra))
+
+
+def losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows], np.array([r["loss"] for r in rows])
+
+
+def final_params(run_dir):
+    from jaxtune.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(run_dir, async_save=False)
+    step = ckpt.latest_step()
+    path = run_dir / "checkpoints" / str(step) / "params"
+    import orbax.checkpoint as ocp
+
+    out = ocp.StandardCheckpointer().restore(path)
+    ckpt.close()
+    return step, {k: np.asarray(v) for k, v in out.items()}
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, data_file):
+    full = make_config(tmp_path / "a", tiny_model_dir, data_file, "mesh.data=8")
+    train(full)
+    part = make_config(tmp_path / "b", tiny_model_dir, data_file, "mesh.data=8")
+    out = train(part, stop_after=3)
+    assert out["steps"] == 3
+    out = train(part)  # same run.dir: resumes at step 3
+    assert out["steps"] == 6
+    steps_a, loss_a = losses(tmp_path / "a" / "run")
+    steps_b, loss_b = losses(tmp_path / "b" / "run")
+    assert steps_a == steps_b == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal(loss_a, loss_b)
+    sa, pa = final_params(tmp_path / "a" / "run")
+    sb, pb = final_params(tmp_path / "b" / "run")
+    assert sa == sb == 6
+    assert pa.keys() == pb.keys() and len(pa) > 0
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+    assert loss_a[-1] < loss_a[0]  # it learns
+
+
+SINGLE_DEVICE = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+os.environ["JAX_PLATFORMS"] = "cpu"
+from jaxtune.config import load_config
+from jaxtune.train.loop import train
+train(load_config(sys.argv[1], sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_sharded_meshes_match_single_device(tmp_path, tiny_model_dir, data_file, method):
+    base = make_config(tmp_path / "x", tiny_model_dir, data_file)
+    cfg_file = tmp_path / "x" / "cfg.yaml"
+    over = [f"peft.method={method}", "train.steps=5"]
+    ref_dir = tmp_path / "single"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    res = subprocess.run(
+        [sys.executable, "-c", SINGLE_DEVICE, str(cfg_file), *over, f"run.dir={ref_dir}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    _, ref = losses(ref_dir)
+    assert base.mesh.data == -1
+    for mesh in (
+        ["mesh.data=8"],
+        ["mesh.data=1", "mesh.fsdp=8"],
+        ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"],
+    ):
+        run_dir = tmp_path / (
+            "run_" + "_".join(m.split("=")[0][5:] + m.split("=")[1] for m in mesh)
+        )
+        cfg = make_config(
+            tmp_path / "x", tiny_model_dir, data_file, *over, *mesh, f"run.dir={run_dir}"
+        )
+        train(cfg)
+        _, got = losses(run_dir)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=str(mesh))
