@@ -228,18 +228,20 @@ def load_peft_adapter(model: nnx.Module, adapter_dir) -> nnx.Module:
             raise ModelLoadError(f"{weights}: {key!r} adapts {module!r}, not a linear layer here")
         kpath, idx = hit[0].ours_path(hit[1], cfg.scan_layers)
         found.setdefault(kpath[:-1], {}).setdefault(SUFFIXES[suffix], []).append((idx, arr, key))
-    use_dora = bool(acfg.get("use_dora", False))
-    add_lora(
-        model,
-        None,
-        rank=acfg.get("r"),
-        alpha=acfg.get("lora_alpha"),
-        dropout=float(acfg.get("lora_dropout") or 0.0),
-        rslora=bool(acfg.get("use_rslora", False)),
-        dora=use_dora,
-        rngs=nnx.Rngs(0),
-        modules=sorted(found, key=path_str),
-    )
+    try:
+        add_lora(
+            model,
+            None,
+            rank=acfg.get("r"),
+            alpha=acfg.get("lora_alpha"),
+            dropout=float(acfg.get("lora_dropout") or 0.0),
+            rslora=bool(acfg.get("use_rslora", False)),
+            dora=bool(acfg.get("use_dora", False)),
+            rngs=nnx.Rngs(0),
+            modules=sorted(found, key=path_str),
+        )
+    except ConfigError as e:  # name the file, not the config section
+        raise ConfigError(f"{cfg_path}: {e}") from None
     by_path = dict(linears(model))
     for mpath, slots in found.items():
         lin = by_path[mpath]
