@@ -19,6 +19,7 @@ EXAMPLES = {
     "train": "jaxtune train configs/quickstart.yaml train.steps=20 run.dir=runs/try",
     "data": "jaxtune data inspect configs/quickstart.yaml",
     "convert": "jaxtune convert path/to/SmolLM2-135M-Instruct.Q4_1.gguf ckpt/smollm2",
+    "export": "jaxtune export runs/quickstart/run out/merged --merged",
     "generate": 'jaxtune generate --model ckpt/smollm2 --prompt "What is the capital of France?" --chat',
 }
 
@@ -35,7 +36,7 @@ class Parser(argparse.ArgumentParser):
                 message += f". Did you mean '{close[0]}'?"
         m = re.search(r"unrecognized arguments: (.*)", message)
         if m:
-            options = [o for a in self._actions for o in a.option_strings]
+            options = self._all_options()
             for arg in m.group(1).split():
                 flag = arg.split("=")[0]
                 close = difflib.get_close_matches(flag, options, n=1)
@@ -43,6 +44,17 @@ class Parser(argparse.ArgumentParser):
                     message += f". Did you mean '{close[0]}' for '{flag}'?"
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _all_options(self) -> list[str]:
+        # Leftover arguments are reported by the top-level parser: look in subcommands too.
+        out = []
+        for action in self._actions:
+            out.extend(action.option_strings)
+            choices = getattr(action, "choices", None)
+            for sub in choices.values() if isinstance(choices, dict) else ():
+                if isinstance(sub, Parser):
+                    out.extend(sub._all_options())
+        return out
 
 
 def _sub(subparsers, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
@@ -56,22 +68,43 @@ def _sub(subparsers, name: str, help_text: str, description: str) -> argparse.Ar
     )
 
 
-def build_parser() -> Parser:
-    parser = Parser(
-        prog="jaxtune",
-        description="Fine-tune pretrained language models in JAX/Flax (full, LoRA, DoRA, adapters).",
-        epilog="Run 'jaxtune COMMAND --help' for the options of a command.",
+def _add_train(sub) -> None:
+    p = _sub(
+        sub,
+        "train",
+        "fine-tune a model from a config",
+        "Fine-tune (full, LoRA, DoRA, adapters) from a YAML config; key=value arguments "
+        "override config keys. Re-running with the same run.dir resumes from its latest "
+        "checkpoint; SIGTERM saves a checkpoint and exits 0.",
     )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    p.add_argument("config", help="YAML config (see configs/ and the README's config reference)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 peft.rank=16"
+    )
 
+
+def _add_data(sub) -> None:
+    p = _sub(
+        sub,
+        "data",
+        "inspect a dataset before training",
+        "Data tools. 'inspect' renders examples, counts tokens, truncation, padding, loss-mask "
+        "coverage, duplicates and label balance, and writes report.md/report.json/lengths.png.",
+    )
+    p.add_argument("action", choices=["inspect"], help="what to do (inspect)")
+    p.add_argument("config", help="YAML config with a data section")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train=file.jsonl")
+    p.add_argument("--out", help="report directory (default: RUN_DIR/data_report)")
+
+
+def _add_convert(sub) -> None:
     p = _sub(
         sub,
         "convert",
         "HF dir / .gguf -> jaxtune checkpoint",
-        "Convert a Hugging Face "
-        "safetensors directory or a GGUF file into a jaxtune checkpoint (Orbax params, the "
-        "resolved model config and the tokenizer). Weights are streamed tensor by tensor.",
+        "Convert a Hugging Face safetensors directory or a GGUF file into a jaxtune checkpoint "
+        "(Orbax params, the resolved model config and the tokenizer). Weights are streamed "
+        "tensor by tensor.",
     )
     p.add_argument("src", help="HF model directory (safetensors) or .gguf file")
     p.add_argument("out", help="output directory (written atomically)")
@@ -82,6 +115,33 @@ def build_parser() -> Parser:
         help="parameter dtype of the checkpoint (default: float32)",
     )
 
+
+def _add_export(sub) -> None:
+    p = _sub(
+        sub,
+        "export",
+        "run / checkpoint -> merged HF dir or PEFT adapter",
+        "Export a trained model: --merged writes an HF safetensors directory with adapters "
+        "folded in (transformers loads it); --adapter writes a PEFT LoRA/DoRA adapter (peft "
+        "loads it on the base model). What is written is reloaded and its logits compared "
+        "with the trained model before the command succeeds.",
+    )
+    p.add_argument("src", help="run dir, jaxtune checkpoint, HF dir or .gguf file")
+    p.add_argument("out", help="output directory (written atomically)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--merged", action="store_true", help="HF directory with adapters merged (default)"
+    )
+    kind.add_argument("--adapter", action="store_true", help="PEFT adapter (LoRA / DoRA runs only)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weight dtype in the files (default: the parameters' dtype)",
+    )
+
+
+def _add_generate(sub) -> None:
     p = _sub(
         sub,
         "generate",
@@ -92,10 +152,7 @@ def build_parser() -> Parser:
         "--model", required=True, help="HF dir, .gguf file, jaxtune checkpoint or run dir"
     )
     p.add_argument(
-        "--prompt",
-        action="append",
-        required=True,
-        help="prompt text; repeat for a batch of prompts",
+        "--prompt", action="append", required=True, help="prompt text; repeat for a batch"
     )
     p.add_argument(
         "--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)"
@@ -111,6 +168,20 @@ def build_parser() -> Parser:
     )
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--dtype", default="float32", help="parameter dtype (default: float32)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="jaxtune",
+        description="Fine-tune pretrained language models in JAX/Flax (full, LoRA, DoRA, adapters).",
+        epilog="Run 'jaxtune COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", title="commands", parser_class=Parser
+    )
+    for add in (_add_train, _add_data, _add_convert, _add_export, _add_generate):
+        add(sub)
     return parser
 
 
@@ -120,6 +191,30 @@ def cmd_convert(args) -> int:
     t0 = time.perf_counter()
     out = convert(args.src, args.out, dtype=args.dtype)
     print(f"wrote jaxtune checkpoint {out} ({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from jaxtune.api import from_pretrained, load_tokenizer, model_kind
+    from jaxtune.peft.export import export_adapter, export_merged
+    from jaxtune.resources import resolve_path
+
+    src = resolve_path(args.src)
+    model = from_pretrained(src)
+    if args.adapter:
+        if model_kind(src) != "run":
+            from jaxtune.errors import ConfigError
+
+            raise ConfigError(
+                f"{src}: --adapter needs a training run directory (it holds the base model path)"
+            )
+        from jaxtune.checkpoint import run_model_source
+
+        diff = export_adapter(model, args.out, run_model_source(src))
+    else:
+        tokenizer = load_tokenizer(src)
+        diff = export_merged(model, args.out, tokenizer=tokenizer, dtype=args.dtype)
+    print(f"wrote {args.out} (verified: max |logit diff| {diff:.2e})")
     return 0
 
 
@@ -175,7 +270,13 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "data": cmd_data, "convert": cmd_convert, "generate": cmd_generate}
+COMMANDS = {
+    "train": cmd_train,
+    "data": cmd_data,
+    "convert": cmd_convert,
+    "export": cmd_export,
+    "generate": cmd_generate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,8 +63,11 @@ def test_identity_at_init(scan, peft):
     if peft["method"] == "dora":
         # m / ||W|| is 1 up to one rounding of the norm (eager init vs fused forward).
         assert np.abs(out - base).max() <= 1e-6
-    else:
+    elif jax.default_backend() == "cpu":
         assert np.array_equal(out, base)
+    else:
+        # GPU kernels for a different graph may reduce in another order: exact up to ulps.
+        assert np.abs(out - base).max() <= 1e-6
 
 
 @SCAN
