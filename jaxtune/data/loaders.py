@@ -114,6 +114,9 @@ def resolve_paths(spec: str, what: str = "data file") -> list[Path]:
     Returns:
       Sorted list of paths (a saved dataset directory is returned as one path).
     """
+    from jaxtune.resources import resolve_path
+
+    spec = str(resolve_path(spec))  # pkg:NAME/... -> a path inside an installed package
     path = Path(os.path.expanduser(spec))
     if any(ch in spec for ch in "*?["):
         paths = [Path(p) for p in sorted(glob.glob(os.path.expanduser(spec), recursive=True))]
