@@ -10,6 +10,7 @@ under 1.5x the fp32 model.
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import sys
@@ -34,7 +35,11 @@ def peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
         "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    # CPU only: an installed libtpu would otherwise add its own ~225 MiB to both numbers.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env
+    )
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
     return int(out.stdout.strip().splitlines()[-1]) / 1024, time.perf_counter() - t0

@@ -68,7 +68,9 @@ def from_pretrained(
       **config_overrides: execution options of the model config (``remat=...``).
 
     Returns:
-      The model; ``model(input_ids [B, T], attention_mask=None) -> logits [B, T, V]``.
+      The model; ``model(input_ids [B, T], attention_mask=None) -> logits [B, T, V]``
+      (encoders: last hidden states [B, T, D]; an HF ``*ForSequenceClassification``
+      dir: a ``SequenceClassifier`` giving class logits [B, K]).
       ``model.source`` remembers where it came from (tokenizer lookup).
     """
     from jaxtune.hf import io as hf_io
@@ -81,6 +83,12 @@ def from_pretrained(
     if scan_layers is not None:
         opts["scan_layers"] = scan_layers
     if kind == "hf":
+        from jaxtune.classify import is_classifier_dir, load_classifier
+
+        if is_classifier_dir(path):  # *ForSequenceClassification: backbone + head
+            model = load_classifier(path, dtype, scan_layers=scan_layers)
+            model.source = str(path)
+            return model
         _, cfg = hf_io.read_hf_config(path)
         cfg = cfg.replace(**opts)
         files = hf_io.safetensors_files(path)
@@ -244,8 +252,9 @@ def load_checkpoint(path: Path, dtype=None, sharding=None, **opts) -> nnx.Module
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, dtype="float32") -> Path:
     """HF dir / .gguf -> jaxtune checkpoint (params + resolved config + tokenizer)."""
-    model = from_pretrained(src, dtype=dtype)
+    # Tokenizer first: its build peak then never stacks on top of the loaded weights.
     tokenizer = load_tokenizer(src)
+    model = from_pretrained(src, dtype=dtype)
     return save_checkpoint(model, out, tokenizer=tokenizer)
 
 

@@ -1,10 +1,10 @@
 """Native GGUF import: config, tensors and tokenizer in Hugging Face form, without torch.
 
 A GGUF file (llama.cpp's format) holds metadata key/values, a tokenizer and tensors that are
-often block-quantized. This module reads it with :class:`gguf.GGUFReader` (a memory map, so
-opening a multi-GB file costs only the header) and translates everything into the names,
-layouts and config fields of a Hugging Face checkpoint, so the rest of jaxtune reuses its HF
-key tables unchanged::
+often block-quantized. This module reads it with :class:`~jaxtune.hf.gguf_reader.GGUFFile`
+(a memory map: opening a multi-GB file costs only the header, and the vocabulary is decoded
+only for the tokenizer) and translates everything into the names, layouts and config fields
+of a Hugging Face checkpoint, so the rest of jaxtune reuses its HF key tables unchanged::
 
     config = read_gguf_config(path)              # config.json-style dict
     for name, array in iter_gguf_tensors(path):  # HF names, float32, one tensor at a time
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from jaxtune.errors import ModelLoadError
+from jaxtune.hf.gguf_reader import GGUFFile, GGUFFormatError, GGUFValueType, TensorInfo
 
 _MAGIC = b"GGUF"
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -36,8 +37,8 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 # --------------------------------------------------------------------------- reading
 
 
-def _open(path: str | Path) -> tuple[Path, Any]:
-    """Validates ``path`` and returns it with a (cached) ``GGUFReader``."""
+def _open(path: str | Path) -> tuple[Path, GGUFFile]:
+    """Validates ``path`` and returns it with its (cached) parsed header."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file (expected a .gguf model file)")
@@ -48,11 +49,11 @@ def _open(path: str | Path) -> tuple[Path, Any]:
     return p, _reader(str(p.resolve()), st.st_size, st.st_mtime_ns)
 
 
-# The config, tensor and tokenizer readers each need the header, and parsing it (every
-# vocabulary string is a separate field part) takes seconds; a small cache lets a loader
-# call all three for the price of one parse. The reader only memory-maps tensor data.
+# The config, tensor and tokenizer readers each need the header; a small cache lets a
+# loader call all three for the price of one parse (~0.1 s). A cached reader holds only the
+# header's scalars and a memory map (large arrays such as the vocabulary are decoded on use).
 @functools.lru_cache(maxsize=2)
-def _reader(path: str, size: int, mtime_ns: int) -> Any:
+def _reader(path: str, size: int, mtime_ns: int) -> GGUFFile:
     with open(path, "rb") as f:
         head = f.read(4)
     if head != _MAGIC:
@@ -60,46 +61,41 @@ def _reader(path: str, size: int, mtime_ns: int) -> Any:
             f"{path}: not a GGUF file (expected magic {_MAGIC!r} in the first 4 bytes, "
             f"found {head!r})"
         )
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # gguf raises ValueError/IndexError/... with internal detail
+        reader = GGUFFile(path)
+    except (GGUFFormatError, OSError) as exc:
         raise ModelLoadError(
             f"{path}: truncated or corrupt GGUF file ({size} bytes); expected a complete "
-            f"file as llama.cpp writes it (gguf: {type(exc).__name__}: {exc})"
+            f"file as llama.cpp writes it ({exc})"
         ) from None
-    # A file cut inside the tensor data can still parse; catch it here rather than as a
+    # A file cut inside the tensor data still parses; catch it here rather than as a
     # short read in the middle of a streamed load.
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ModelLoadError(
-                f"{path}: truncated GGUF file: tensor {t.name!r} ends at byte {end} but the "
-                f"file has {size} bytes"
-            )
+    t = reader.truncated_tensor()
+    if t is not None:
+        raise ModelLoadError(
+            f"{path}: truncated GGUF file: tensor {t.name!r} ends at byte "
+            f"{t.offset + t.n_bytes} but the file has {size} bytes"
+        )
     return reader
 
 
 class _Meta:
     """Typed access to a file's metadata, with errors that name the file."""
 
-    def __init__(self, path: Path, reader: Any):
+    def __init__(self, path: Path, reader: GGUFFile):
         self.path = path
-        self.fields = reader.fields
+        self.reader = reader
         self.tensors = {t.name: t for t in reader.tensors}
         self.arch = str(self.get("general.architecture", "")) or "<missing>"
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self.fields.get(key)
-        if field is None:
-            return default
-        import gguf
-
-        value = field.contents()
+        try:
+            value = self.reader.get(key, default)
+        except GGUFFormatError as exc:  # a large array is decoded (and checked) only here
+            raise self.fail(f"corrupt metadata value {key!r} ({exc})") from None
         # GGUF stores floats as float32: 1e-5 reads back as 9.999999747e-06. The shortest
         # decimal that round-trips through float32 is the value the HF config had.
-        if field.types == [gguf.GGUFValueType.FLOAT32]:
+        if self.reader.value_type(key) == GGUFValueType.FLOAT32:
             value = float(str(np.float32(value)))
         return value
 
@@ -116,7 +112,7 @@ class _Meta:
         return ModelLoadError(f"{self.path}: {what} (architecture {self.arch!r})")
 
 
-def _dequantize(path: Path, t: Any) -> np.ndarray:
+def _dequantize(path: Path, t: TensorInfo) -> np.ndarray:
     """One tensor as float32 in numpy (row-major, slowest axis first) order."""
     import gguf
 
@@ -332,7 +328,7 @@ def _hf_name(meta: _Meta, spec: _Arch, gguf_name: str, n_layers: int) -> str | N
 
 
 def release_readers() -> None:
-    """Drops cached readers (their parsed vocabulary costs ~2x the file in host memory)."""
+    """Drops cached readers and so their memory maps of the files' tensor data."""
     _reader.cache_clear()
 
 
@@ -400,7 +396,8 @@ def iter_gguf_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
 def _stream(meta: _Meta, spec: _Arch, config: dict, plan: list) -> Iterator[tuple[str, np.ndarray]]:
     p = meta.path
     for t, hf in plan:
-        w = _dequantize(p, t)
+        w = _dequantize(p, t)  # owned memory: no view of the map survives
+        meta.reader.evict(t)
         try:
             w = spec.fix(hf, w, config)
         except ValueError as exc:  # a reshape that does not fit the config's head counts
