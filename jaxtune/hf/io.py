@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxtune.errors import ConfigError, ModelLoadError
 from jaxtune.hf import safetensors_io as st
-from jaxtune.hf.keymap import path_str
+from jaxtune.hf.keymap import keymap_for, path_str
 from jaxtune.models import abstract_model, family_for_model_type, family_of_config, fill_model
 
 PICKLE_NAMES = (
@@ -64,9 +64,16 @@ def read_hf_config(model_dir: Path):
         archs = d.get("architectures") or [d.get("model_type")]
         raise ConfigError(
             f"{path}: unsupported architecture {archs[0]!r} (model_type {d.get('model_type')!r}); "
-            "jaxtune supports Llama, Mistral, Qwen2, TinyLlama and SmolLM2 checkpoints"
+            f"jaxtune supports model types {supported_model_types()}"
         )
     return fam, fam.hf_module().config_from_hf(d, str(path))
+
+
+def supported_model_types() -> list[str]:
+    """HF ``model_type`` values of every registered family (for error messages)."""
+    from jaxtune.models import FAMILIES
+
+    return sorted(t for fam in FAMILIES.values() for t in fam.model_types)
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -129,7 +136,10 @@ def load_params(
     """
     fam = family_of_config(cfg)
     hf = fam.hf_module()
-    keymap = hf.KEYMAP
+    keymap = keymap_for(cfg)
+    # A family may rename tensors first (strip ``bert.``-style task prefixes) and drop
+    # task-head tensors (None) that are not part of the base model.
+    canonical = getattr(hf, "canonical_name", None)
     sharding = sharding or default_sharding
     abstract = abstract_model(cfg, dtype)
     _, state = nnx.split(abstract)
@@ -148,6 +158,8 @@ def load_params(
         )
 
     for name, arr, fname in tensors:
+        if canonical is not None and (name := canonical(name)) is None:
+            continue
         hit = keymap.match(name)
         if hit is None:
             if any(name.endswith(s) for s in hf.IGNORED):
@@ -215,7 +227,7 @@ def load_params(
 def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF name, numpy array in HF layout) for every base parameter."""
     cfg = model.config
-    keymap = family_of_config(cfg).hf_module().KEYMAP
+    keymap = keymap_for(cfg)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for rule in keymap.rules:
         for hf_name, layer in keymap.hf_names(rule, cfg.num_layers):

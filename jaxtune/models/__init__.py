@@ -37,6 +37,21 @@ FAMILIES = {
         "jaxtune.hf.llama",
         ("llama", "mistral", "qwen2"),
     ),
+    "gemma": Family(
+        "gemma",
+        "jaxtune.models.gemma:GemmaForCausalLM",
+        "jaxtune.hf.gemma",
+        ("gemma", "gemma2", "gemma3_text"),
+    ),
+    "gpt2": Family("gpt2", "jaxtune.models.gpt2:GPT2LMHeadModel", "jaxtune.hf.gpt2", ("gpt2",)),
+    # GPT-Neo shares the GPT-2 model code; its key table differs (nn.Linear, not Conv1D).
+    "gpt_neo": Family(
+        "gpt_neo", "jaxtune.models.gpt2:GPT2LMHeadModel", "jaxtune.hf.gpt_neo", ("gpt_neo",)
+    ),
+    # Encoders: BERT and DistilBERT share one model; hf.bert picks the tensor names.
+    "bert": Family(
+        "bert", "jaxtune.models.bert:BertModel", "jaxtune.hf.bert", ("bert", "distilbert")
+    ),
 }
 
 

@@ -177,10 +177,38 @@ class RMSNorm(nnx.Module):
         h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
         w = self.scale[...].astype(jnp.float32)
         if self.unit_offset:
-            w = 1.0 + w
+            # HF Gemma scales in float32 and casts once at the end.
+            return ((1.0 + w) * h).astype(x.dtype)
         # HF Llama casts the normalised activations back before scaling; matching the
         # order keeps bf16 parity too.
         return (w * h.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm (GPT-2 family) with scale and bias [*lead, D], computed in float32."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-5,
+        lead: Sequence[int] = (),
+        dtype=jnp.float32,
+        rngs: nnx.Rngs | None,
+    ):
+        axes = (*lead_axes(lead), "norm")
+        self.scale = nnx.Param(jnp.ones((*lead, dim), dtype), axes=axes)
+        self.bias = nnx.Param(jnp.zeros((*lead, dim), dtype), axes=axes)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., D] -> [..., D] in x's dtype (biased variance, like torch)."""
+        h = x.astype(jnp.float32)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        w = self.scale[...].astype(jnp.float32)
+        return (h * w + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- RoPE

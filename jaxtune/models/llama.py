@@ -282,13 +282,20 @@ class Block(nnx.Module):
         return x + h, kv
 
 
-def run_layers(layers, cfg, x, cos, sin, mask_fn, cache=None, cache_index=None, rng=None):
+def run_layers(
+    layers, cfg, x, cos, sin, mask_fn, cache=None, cache_index=None, rng=None, rope_ids=None
+):
     """Applies every layer to x: [B, T, D], scanning over a stacked Block if scanned.
 
     Args:
       layers: a stacked ``Block`` (scan) or an ``nnx.List`` of Blocks.
+      cos, sin: RoPE tables [B, T, H] shared by every layer; with ``rope_ids``, stacks
+        [R, B, T, H] of R tables (None for families without RoPE).
       mask_fn: window -> bool mask [B, 1, T, S] (windows differ per layer).
       cache: optional dict ``{"k", "v"}`` of [L, B, S, K, H].
+      rope_ids: optional int [L]: layer l uses table ``rope_ids[l]`` (Gemma 3 gives
+        sliding-window layers their own RoPE base). Like the windows, a per-layer array
+        passed through the scan, so one compiled body serves every layer.
 
     Returns:
       (x [B, T, D], new cache or None).
@@ -298,8 +305,9 @@ def run_layers(layers, cfg, x, cos, sin, mask_fn, cache=None, cache_index=None, 
     keys = jax.random.split(rng, n) if rng is not None else None
     policy = REMAT_POLICIES[cfg.remat]
 
-    def one_layer(block, h, window, kv, key):
-        return block(h, cos, sin, mask_fn(window), kv, cache_index, key)
+    def one_layer(block, h, window, rope_id, kv, key):
+        c, s = (cos, sin) if rope_id is None else (cos[rope_id], sin[rope_id])
+        return block(h, c, s, mask_fn(window), kv, cache_index, key)
 
     if cfg.remat != "none":
         one_layer = nnx.remat(one_layer, policy=policy)
@@ -308,7 +316,8 @@ def run_layers(layers, cfg, x, cos, sin, mask_fn, cache=None, cache_index=None, 
         new_k, new_v = [], []
         for i, block in enumerate(layers):
             kv = (cache["k"][i], cache["v"][i]) if cache is not None else None
-            x, kv = one_layer(block, x, windows[i], kv, None if keys is None else keys[i])
+            rope_id = None if rope_ids is None else rope_ids[i]
+            x, kv = one_layer(block, x, windows[i], rope_id, kv, None if keys is None else keys[i])
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -318,13 +327,13 @@ def run_layers(layers, cfg, x, cos, sin, mask_fn, cache=None, cache_index=None, 
     graphdef, state = nnx.split(layers)
 
     def body(h, xs):
-        layer_state, window, kv, key = xs
+        layer_state, window, rope_id, kv, key = xs
         block = nnx.merge(graphdef, layer_state)
-        h, kv = one_layer(block, h, window, kv, key)
+        h, kv = one_layer(block, h, window, rope_id, kv, key)
         return h, kv
 
     kv = (cache["k"], cache["v"]) if cache is not None else None
-    x, kv = jax.lax.scan(body, x, (state, windows, kv, keys))
+    x, kv = jax.lax.scan(body, x, (state, windows, rope_ids, kv, keys))
     return x, ({"k": kv[0], "v": kv[1]} if cache is not None else None)
 
 

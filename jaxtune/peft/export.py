@@ -10,7 +10,9 @@
 HF module names come from the family key table (``KEYMAP``): the rule mapping
 ``layers/attn/q_proj/kernel`` to ``model.layers.{i}.self_attn.q_proj.weight`` also
 names the PEFT tensors ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``.
-PEFT stores torch layouts: lora_A [R, in], lora_B [out, R], lora_magnitude_vector [out].
+PEFT stores torch layouts: lora_A [R, in], lora_B [out, R], lora_magnitude_vector [out],
+for ``nn.Linear`` (key rule transform ``T``) and GPT-2's ``Conv1D`` (transform ``id``:
+its weight is [in, out]; PEFT marks those adapters ``fan_in_fan_out``) alike.
 
 Verification reloads what was written (merged: ``jaxtune.from_pretrained``; adapter:
 base + :func:`load_peft_adapter`) and compares logits on a fixed probe batch while the
@@ -33,7 +35,7 @@ from flax import nnx
 from jaxtune.errors import ConfigError, JaxtuneError, ModelLoadError
 from jaxtune.hf import safetensors_io as st
 from jaxtune.hf.io import atomic_dir
-from jaxtune.models import family_of_config
+from jaxtune.hf.keymap import keymap_for
 from jaxtune.peft.adapters import has_adapters
 from jaxtune.peft.lora import add_lora, linears, lora_linears, lora_spec, path_str
 
@@ -62,27 +64,38 @@ def _no_bottleneck(model, what: str) -> None:
         )
 
 
-def hf_module_names(model: nnx.Module, path: tuple) -> list[tuple[int | None, str]]:
-    """HF module names of our linear at ``path``: [(layer index or None, name)].
+def is_linear_rule(rule) -> bool:
+    """Does a key rule map a torch linear weight (nn.Linear ``T`` or Conv1D ``id``)?"""
+    return rule.hf.endswith(".weight") and rule.ours.endswith("/kernel")
+
+
+def hf_linear_rule(model: nnx.Module, path: tuple):
+    """(key rule, [(layer index or None, HF module name)]) of our linear at ``path``.
 
     A stacked linear gives one name per layer. Raises ConfigError if the family key
-    table has no torch-layout rule for ``path/kernel``.
+    table has no linear-weight rule for ``path/kernel``.
     """
     cfg = model.config
-    keymap = family_of_config(cfg).hf_module().KEYMAP
+    keymap = keymap_for(cfg)
     scanned = cfg.scan_layers
     kernel = (*path, "kernel")
     for rule in keymap.rules:
-        if not rule.hf.endswith(".weight") or rule.transform != "T":
+        if not is_linear_rule(rule):
             continue
         if rule.layered and scanned and rule.ours_path(0, True)[0] == kernel:
-            return [(i, rule.hf.format(i=i)[: -len(".weight")]) for i in range(cfg.num_layers)]
+            names = [(i, rule.hf.format(i=i)[: -len(".weight")]) for i in range(cfg.num_layers)]
+            return rule, names
         if rule.layered and not scanned and len(path) > 1 and isinstance(path[1], int):
             if rule.ours_path(path[1], False)[0] == kernel:
-                return [(None, rule.hf.format(i=path[1])[: -len(".weight")])]
+                return rule, [(None, rule.hf.format(i=path[1])[: -len(".weight")])]
         if not rule.layered and rule.ours_path(None, scanned)[0] == kernel:
-            return [(None, rule.hf[: -len(".weight")])]
+            return rule, [(None, rule.hf[: -len(".weight")])]
     raise ConfigError(f"peft export: no Hugging Face name for {path_str(kernel)!r}")
+
+
+def hf_module_names(model: nnx.Module, path: tuple) -> list[tuple[int | None, str]]:
+    """HF module names of our linear at ``path``: [(layer index or None, name)]."""
+    return hf_linear_rule(model, path)[1]
 
 
 def adapter_tensors(model: nnx.Module) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -122,6 +135,10 @@ def _write_adapter(model: nnx.Module, out: Path, base_model_name_or_path) -> Non
     if spec is None:
         raise ConfigError("peft export: the model has no LoRA/DoRA factors to export")
     tensors, modules = adapter_tensors(model)
+    # Conv1D targets (GPT-2) are fan_in_fan_out in PEFT; say so, or PEFT warns.
+    fan_in_fan_out = any(
+        hf_linear_rule(model, p)[0].transform == "id" for p, _ in lora_linears(model)
+    )
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -135,7 +152,7 @@ def _write_adapter(model: nnx.Module, out: Path, base_model_name_or_path) -> Non
         "use_rslora": spec.rslora,
         "use_dora": spec.dora,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -202,7 +219,9 @@ def load_peft_adapter(model: nnx.Module, adapter_dir) -> nnx.Module:
         raise ConfigError(
             f"{cfg_path}: peft_type {acfg.get('peft_type')!r}; only LORA is supported"
         )
-    for key, ok in (("bias", "none"), ("fan_in_fan_out", False), ("lora_bias", False)):
+    # fan_in_fan_out is not checked: PEFT itself sets it from the target's type (True
+    # for Conv1D, False for nn.Linear) and the stored factor layouts are the same.
+    for key, ok in (("bias", "none"), ("lora_bias", False)):
         if acfg.get(key, ok) != ok:
             raise ConfigError(
                 f"{cfg_path}: {key} = {acfg[key]!r} is not supported (expected {ok!r})"
@@ -214,7 +233,7 @@ def load_peft_adapter(model: nnx.Module, adapter_dir) -> nnx.Module:
     if not weights.is_file():
         raise ModelLoadError(f"{adir}: no {ADAPTER_WEIGHTS}")
     cfg = model.config
-    keymap = family_of_config(cfg).hf_module().KEYMAP
+    keymap = keymap_for(cfg)
     found: dict[tuple, dict[str, list]] = {}
     for key, arr in st.iter_tensors(weights):
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
@@ -224,7 +243,7 @@ def load_peft_adapter(model: nnx.Module, adapter_dir) -> nnx.Module:
             )
         module = key[len(PREFIX) : -len(suffix)]
         hit = keymap.match(module + ".weight")
-        if hit is None or hit[0].transform != "T":
+        if hit is None or not is_linear_rule(hit[0]):
             raise ModelLoadError(f"{weights}: {key!r} adapts {module!r}, not a linear layer here")
         kpath, idx = hit[0].ours_path(hit[1], cfg.scan_layers)
         found.setdefault(kpath[:-1], {}).setdefault(SUFFIXES[suffix], []).append((idx, arr, key))
