@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile | $(VENV)/bin/python
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -e ".[test]"
+	# libtpu lets `jaxtune plan` compile for TPU topologies on this CPU host (tests do);
+	# pinned to the installed jax so it never upgrades jax itself.
+	$(PIP) install "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
 	touch $@
 
 install: $(VENV)/.installed

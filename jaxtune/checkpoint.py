@@ -120,8 +120,16 @@ class Checkpointer:
         try:
             r = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises many types for missing / mismatched items
+            hint = ""
+            if "tree structures do not match" in str(e) or "shape" in str(e).lower():
+                hint = (
+                    "; the trainable parameters differ from the checkpoint's: was peft.* or "
+                    "the model changed since it was written? Use another run.dir or "
+                    "train.overwrite=true"
+                )
             raise ModelLoadError(
-                f"{self.directory}/{step}: cannot restore checkpoint ({type(e).__name__}: {str(e)[:300]})"
+                f"{self.directory}/{step}: cannot restore checkpoint ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:300]}){hint}"
             ) from None
         params = from_named(r["params"], params_like)
         opt_state = (

@@ -20,6 +20,7 @@ EXAMPLES = {
     "data": "jaxtune data inspect configs/quickstart.yaml",
     "convert": "jaxtune convert path/to/SmolLM2-135M-Instruct.Q4_1.gguf ckpt/smollm2",
     "export": "jaxtune export runs/quickstart/run out/merged --merged",
+    "eval": "jaxtune eval --model runs/quickstart/run --tasks arc_easy --limit 200 --out runs/eval",
     "generate": 'jaxtune generate --model ckpt/smollm2 --prompt "What is the capital of France?" --chat',
 }
 
@@ -81,6 +82,15 @@ def _add_train(sub) -> None:
     p.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 peft.rank=16"
     )
+    from jaxtune.train.distributed import add_distributed_args
+
+    add_distributed_args(p)
+
+
+def _add_plan(sub) -> None:
+    from jaxtune.train.command import add_plan_parser
+
+    add_plan_parser(sub, _sub)
 
 
 def _add_data(sub) -> None:
@@ -180,7 +190,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", title="commands", parser_class=Parser
     )
-    for add in (_add_train, _add_data, _add_convert, _add_export, _add_generate):
+    for add in (_add_train, _add_data, _add_convert, _add_export, _add_generate, _add_plan):
         add(sub)
     return parser
 
@@ -243,8 +253,10 @@ def cmd_generate(args) -> int:
 
 def cmd_train(args) -> int:
     from jaxtune.config import load_config
+    from jaxtune.train.distributed import initialize_from_args
     from jaxtune.train.loop import train
 
+    initialize_from_args(args)
     cfg = load_config(args.config, args.overrides)
     out = train(cfg)
     print(
@@ -270,7 +282,14 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from jaxtune.train.command import run_plan
+
+    return run_plan(args)
+
+
 COMMANDS = {
+    "plan": cmd_plan,
     "train": cmd_train,
     "data": cmd_data,
     "convert": cmd_convert,

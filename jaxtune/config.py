@@ -54,6 +54,9 @@ class ModelConfig:
       quantize: quantize the frozen base weights (QLoRA-style); null = no quantization.
       max_seq_len: longest sequence the model is used with (RoPE tables, KV cache); null =
         the model's own limit.
+      preset: architecture preset (e.g. ``llama31_8b``) that ``jaxtune plan`` compiles for
+        when ``path`` does not exist yet; training always reads the architecture from
+        ``path``.
     """
 
     path: str | None = None
@@ -64,6 +67,7 @@ class ModelConfig:
     attention: str = "auto"
     quantize: str | None = None
     max_seq_len: int | None = None
+    preset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,8 @@ class PeftConfig:
         features).
       num_labels: classes of the classification head; null = from ``data.labels`` or data.
       pooling: how a sequence becomes one feature vector: ``cls`` (first token), ``mean``
-        (over non-padding tokens) or ``last`` (last non-padding token).
+        (over non-padding tokens), ``last`` (last non-padding token) or ``pooler`` (BERT's
+        pretrained ``tanh(dense(CLS))``, as ``BertForSequenceClassification`` reads it).
       feature_layer: hidden-state layer the head reads (-1 = final, after the last norm).
       head_hidden: 0 = a linear head, else the hidden size of a two-layer MLP head.
     """
@@ -321,7 +326,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "peft.adapter_placement": ("houlsby", "pfeiffer"),
     "peft.adapter_activation": ("gelu", "relu", "silu", "tanh"),
     "peft.head": ("lm", "classification"),
-    "peft.pooling": ("cls", "mean", "last"),
+    "peft.pooling": ("cls", "mean", "last", "pooler"),
     "optim.name": ("adamw", "adafactor", "sgd", "lion"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "checkpoint.best_mode": ("min", "max"),

@@ -42,15 +42,31 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     if data * fsdp * tensor != len(devices):
         raise ValueError(f"mesh {data}x{fsdp}x{tensor} != {len(devices)} devices")
-    grid = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
+    grid = None
+    if devices[0].platform == "tpu":
+        # Physical layout matters on TPU (the ICI torus): let JAX place the innermost
+        # (tensor, fsdp) axes on neighbouring chips.
+        from jax.experimental import mesh_utils
+
+        try:
+            grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = None
+    if grid is None:
+        # Process-major order: hosts split the outermost (data) axis first.
+        grid = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
     return Mesh(grid, MESH_AXES)
 
 
 def spec_for(axes, shape, mesh: Mesh) -> PartitionSpec:
     """PartitionSpec for an array with logical ``axes`` and ``shape`` on ``mesh``."""
+    if axes is None or len(axes) != len(shape):
+        # No names, or names of another shape: optimizer statistics such as Adafactor's
+        # factored rows/columns inherit their parameter's metadata but not its rank.
+        axes = (None,) * len(shape)
     used: set[str] = set()
     out = []
-    for name, dim in zip(axes or (None,) * len(shape), shape, strict=True):
+    for name, dim in zip(axes, shape, strict=True):
         rule = LOGICAL_AXIS_RULES.get(name) if name else None
         names = (rule,) if isinstance(rule, str) else tuple(rule or ())
         names = tuple(n for n in names if n not in used and mesh.shape[n] > 1)
@@ -74,7 +90,12 @@ def variable_sharding(mesh: Mesh):
 
 
 def state_shardings(state, mesh: Mesh):
-    """A pytree of NamedSharding matching an ``nnx.State`` (per-variable axes)."""
+    """A pytree of NamedSharding matching ``state`` (an ``nnx.State`` or any pytree).
+
+    ``nnx.Variable`` leaves (live or abstract, also inside optimizer states, which
+    inherit their parameter's metadata) are sharded by their ``axes``; every other leaf
+    (step counters, scalars) is replicated.
+    """
     fn = variable_sharding(mesh)
     return jax.tree.map(
         lambda v: (

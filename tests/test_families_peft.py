@@ -17,12 +17,12 @@ from test_gemma_parity import hf_gemma
 from test_gpt2_parity import hf_gpt2
 from test_peft_lora import perturb
 from test_peft_train import changed_paths, train
-from test_train import data_file, losses, make_config  # noqa: F401 (fixture)
 
 import jaxtune
 from jaxtune.api import numpy_logits
-from jaxtune.config import OptimConfig, PeftConfig
+from jaxtune.config import OptimConfig, PeftConfig, load_config
 from jaxtune.peft import AdapterParam, apply_peft, export_adapter, export_merged, load_peft_adapter
+from jaxtune.train import testing as T
 from jaxtune.train.loop import train as run_training
 
 VOCAB = 256  # test_peft_train's IDS are drawn from 256 tokens
@@ -153,15 +153,17 @@ def test_bottleneck_adapters_identity_at_init_and_only_they_train(tmp_path):
 
 
 @pytest.mark.parametrize("family, method", [("gemma3", "lora"), ("gpt2", "adapter")])
-def test_trainer_runs_sharded(family, method, tmp_path, smollm2_tokenizer, data_file):  # noqa: F811
+def test_trainer_runs_sharded(family, method, tmp_path, smollm2_tokenizer):
     """The real trainer on an fsdp x tensor mesh (8 fake devices), then reload the run."""
     model_dir = base_model(family, tmp_path / "base", vocab=len(smollm2_tokenizer))
     smollm2_tokenizer.save_pretrained(model_dir)
-    over = ["mesh.fsdp=4", "mesh.tensor=2", "train.steps=4", f"peft.method={method}"]
-    out = run_training(make_config(tmp_path / "x", model_dir, data_file, *over))
-    assert out["steps"] == 4
+    data_file = T.write_reverse_data(tmp_path / "train.jsonl")
     run_dir = tmp_path / "x" / "run"
-    _, loss = losses(run_dir)
+    cfg_path = T.write_config(tmp_path / "x" / "cfg.yaml", model_dir, data_file, run_dir)
+    over = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "train.steps=4", f"peft.method={method}"]
+    out = run_training(load_config(cfg_path, over))
+    assert out["steps"] == 4
+    loss = np.array([r["loss"] for r in T.read_metrics(run_dir)])
     assert np.all(np.isfinite(loss)) and loss[-1] < loss[0]
     trained = jaxtune.from_pretrained(run_dir)  # latest checkpoint, adapters unmerged
     assert trained.config.family.startswith(family)  # gemma3 -> "gemma3_text"

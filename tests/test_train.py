@@ -4,69 +4,39 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from jaxtune.config import load_config
+from jaxtune.train import testing as T
 from jaxtune.train.loop import train
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
-    """A tiny random Llama with the real SmolLM2 tokenizer (vocab 49152)."""
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
+def tiny(tmp_path_factory):
+    """A tiny random Llama (2 scanned layers) + word-level tokenizer + instruction data,
+    and a persistent XLA cache shared with the single-device subprocess."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = T.write_tiny_model(root / "model", layers=2)
+    data = T.write_reverse_data(root / "train.jsonl")
+    with T.persistent_compile_cache(root / "xla"):
+        yield model, data, root / "xla"
+
+
+def make_config(tmp_path, tiny, *extra):
+    model, data, _ = tiny
+    path = T.write_config(
+        tmp_path / "cfg.yaml",
+        model,
+        data,
+        tmp_path / "run",
+        data=f"{{train: {data}, format: instruction, template: plain, cache_dir: {tmp_path / 'cache'}}}",
+        optim="{lr: 0.01, schedule: linear, warmup_steps: 2}",
+        train="{steps: 6, batch_size: 8, seq_len: 32, grad_accum: 2}",
+        checkpoint="{every: 0, async_save: false}",
     )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
-    smollm2_tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(path, "w") as f:
-        for _ in range(64):
-            q = " ".join(rng.choice(words, rng.integers(2, 9)))
-            f.write(
-                json.dumps({"instruction": f"Reverse: {q}", "output": " ".join(q.split()[::-1])})
-                + "\n"
-            )
-    return path
-
-
-def make_config(tmp_path, model_dir, data_file, *extra):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(
-        textwrap.dedent(
-            f"""
-            model: {{path: {model_dir}}}
-            data: {{train: {data_file}, format: instruction, template: plain, cache_dir: {tmp_path / "cache"}}}
-            peft: {{method: lora, rank: 4, alpha: 8, targets: all-linear}}
-            optim: {{lr: 0.01, schedule: linear, warmup_steps: 2}}
-            train: {{steps: 6, batch_size: 8, seq_len: 32, grad_accum: 2}}
-            checkpoint: {{every: 0, async_save: false}}
-            logging: {{progress: false}}
-            run: {{dir: {tmp_path / "run"}}}
-            """
-        )
-    )
-    return load_config(cfg_path, list(extra))
+    return load_config(path, list(extra))
 
 
 def losses(run_dir):
@@ -87,10 +57,10 @@ def final_params(run_dir):
     return step, {k: np.asarray(v) for k, v in out.items()}
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, data_file):
-    full = make_config(tmp_path / "a", tiny_model_dir, data_file, "mesh.data=8")
+def test_resume_equals_uninterrupted(tmp_path, tiny):
+    full = make_config(tmp_path / "a", tiny, "mesh.data=8")
     train(full)
-    part = make_config(tmp_path / "b", tiny_model_dir, data_file, "mesh.data=8")
+    part = make_config(tmp_path / "b", tiny, "mesh.data=8")
     out = train(part, stop_after=3)
     assert out["steps"] == 3
     out = train(part)  # same run.dir: resumes at step 3
@@ -119,12 +89,16 @@ train(load_config(sys.argv[1], sys.argv[2:]))
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_sharded_meshes_match_single_device(tmp_path, tiny_model_dir, data_file, method):
-    base = make_config(tmp_path / "x", tiny_model_dir, data_file)
+def test_sharded_meshes_match_single_device(tmp_path, tiny, method):
+    base = make_config(tmp_path / "x", tiny)
     cfg_file = tmp_path / "x" / "cfg.yaml"
     over = [f"peft.method={method}", "train.steps=5"]
     ref_dir = tmp_path / "single"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {
+        **os.environ,
+        **T.compile_cache_env(tiny[2]),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    }
     res = subprocess.run(
         [sys.executable, "-c", SINGLE_DEVICE, str(cfg_file), *over, f"run.dir={ref_dir}"],
         capture_output=True,
@@ -142,9 +116,7 @@ def test_sharded_meshes_match_single_device(tmp_path, tiny_model_dir, data_file,
         run_dir = tmp_path / (
             "run_" + "_".join(m.split("=")[0][5:] + m.split("=")[1] for m in mesh)
         )
-        cfg = make_config(
-            tmp_path / "x", tiny_model_dir, data_file, *over, *mesh, f"run.dir={run_dir}"
-        )
+        cfg = make_config(tmp_path / "x", tiny, *over, *mesh, f"run.dir={run_dir}")
         train(cfg)
         _, got = losses(run_dir)
         np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=str(mesh))

@@ -1,8 +1,13 @@
-"""Run logging: a progress bar (loss, lr, tokens/s, ETA), ``metrics.jsonl``, loss curve PNG.
+"""Run logging: progress bar, ``metrics.jsonl``, TensorBoard, W&B, loss curve PNG.
 
 ``metrics.jsonl`` holds one JSON object per optimizer step (``step``, ``loss``, ``lr``,
-``tokens_per_sec``, ...; eval rows carry ``eval/...`` keys). On resume, rows past the
-restored step are dropped so the file always describes one consistent run.
+``tokens_per_sec``, ``flops_per_sec``, ``mfu``, ...; eval rows carry ``eval/...`` keys).
+On resume, rows past the restored step are dropped so the file always describes one
+consistent run. Only process 0 writes.
+
+MFU counts 4 FLOPs per frozen and 6 per trainable parameter and token (see
+:func:`jaxtune.train.hardware.flops_per_token`) against the devices' bf16 peak; it is
+``null`` where the peak is unknown (CPU).
 """
 
 from __future__ import annotations
@@ -15,9 +20,30 @@ from pathlib import Path
 import jax
 from tqdm.auto import tqdm
 
+from jaxtune.train.hardware import flops_per_token, mfu
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, cfg, total_steps: int, start_step: int, params=None):
+    """Writes one row per optimizer step to every configured sink.
+
+    Args:
+      run_dir: the run directory.
+      cfg: the run ``Config`` (``logging`` section, run name).
+      total_steps: steps of the whole run (progress bar).
+      start_step: step the run resumes at (rows after it are dropped).
+      params: ``peft.trainable.summary`` dict (``total``/``trainable`` counts) for MFU.
+      devices: the devices the step runs on (their peak FLOP/s for MFU).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg,
+        total_steps: int,
+        start_step: int,
+        params=None,
+        devices=None,
+    ):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.main = jax.process_index() == 0
@@ -25,11 +51,18 @@ class MetricsLogger:
         self.last: dict = {}
         self.rows: list[dict] = []
         self.flops_per_token = _flops_per_token(params)
+        self.devices = list(devices) if devices is not None else jax.devices()
         if self.main and self.path.exists():
             kept = [r for r in _read(self.path) if r.get("step", 0) <= start_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
             self.rows = kept
         self.file = open(self.path, "a") if self.main else None  # noqa: SIM115
+        self.tb = None
+        if self.main and cfg.logging.tensorboard:
+            from jaxtune.train.tensorboard import EventWriter
+
+            self.tb = EventWriter(self.run_dir / "tensorboard")
+        self.wandb = _start_wandb(cfg, self.run_dir, self.warn) if self.main else None
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -48,11 +81,17 @@ class MetricsLogger:
         row["tokens_per_sec"] = row.get("seq_tokens", 0) / dt
         if self.flops_per_token:
             row["flops_per_sec"] = self.flops_per_token * row["tokens_per_sec"]
+            row["mfu"] = mfu(row["flops_per_sec"], self.devices)
         self.last = {**self.last, **row}
         self.rows.append(row)
         if self.file:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+        scalars = {k: v for k, v in row.items() if k != "step" and v is not None}
+        if self.tb:
+            self.tb.scalars(row["step"], scalars)
+        if self.wandb:
+            self.wandb.log(scalars, step=row["step"])
         post = {
             "loss": f"{row['loss']:.4f}",
             "lr": f"{row['lr']:.2e}",
@@ -60,6 +99,8 @@ class MetricsLogger:
         }
         if "eval/loss" in row:
             post["eval"] = f"{row['eval/loss']:.4f}"
+        if row.get("mfu") is not None:
+            post["mfu"] = f"{100 * row['mfu']:.1f}%"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 
@@ -71,6 +112,10 @@ class MetricsLogger:
         self.bar.close()
         if self.file:
             self.file.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
         if self.main:
             plot_loss_curve(_read(self.path), self.run_dir / "loss_curve.png")
             print(
@@ -82,8 +127,37 @@ def _flops_per_token(info) -> float | None:
     """LoRA-aware training FLOPs per token: 6 N_trainable + 4 N_frozen (2 fwd + 2 bwd-input)."""
     if not isinstance(info, dict) or "trainable" not in info or "total" not in info:
         return None
-    t, n = info["trainable"], info["total"]
-    return 6.0 * t + 4.0 * (n - t)
+    return flops_per_token(info["total"], info["trainable"])
+
+
+def _start_wandb(cfg, run_dir: Path, warn):
+    """A W&B run when ``logging.wandb`` is on and ``wandb`` is installed, else None.
+
+    The W&B run id is kept in ``run_dir/wandb_id`` so a resumed run continues the same
+    W&B run instead of starting a new one.
+    """
+    if not cfg.logging.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        warn("logging.wandb is true but the wandb package is not installed (pip install wandb)")
+        return None
+    from jaxtune.config import config_to_dict
+
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    run = wandb.init(
+        project=cfg.logging.wandb_project,
+        name=cfg.run.name or run_dir.name,
+        dir=str(run_dir),
+        config=config_to_dict(cfg),
+        id=run_id,
+        resume="allow",
+    )
+    if run is not None and getattr(run, "id", None):
+        id_file.write_text(str(run.id))
+    return run
 
 
 def _read(path: Path) -> list[dict]:

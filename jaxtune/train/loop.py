@@ -1,9 +1,18 @@
 """The host training loop: data, steps, evaluation, logging, checkpoints, preemption.
 
 ``train(cfg)`` is what ``jaxtune train`` runs. Re-running it with the same ``run.dir``
-resumes from the latest checkpoint: step, trainable params, optimizer state and data
-position are restored, and per-step randomness is a function of (seed, step), so the
-resumed run reproduces the uninterrupted one.
+resumes from the latest complete checkpoint: step, trainable params, optimizer state and
+data position are restored, and per-step randomness is a function of (seed, step), so
+the resumed run reproduces the uninterrupted one bit for bit.
+
+Failure modes it handles:
+
+- SIGTERM / SIGINT (preemption, Ctrl-C): finish the current step, save, exit 0. On
+  several hosts the stop is agreed on collectively, so every host saves the same step.
+- SIGKILL / power loss: Orbax finalises a checkpoint by an atomic rename, so the next
+  run resumes from the last *complete* checkpoint.
+- A non-finite loss, gradient or weight: stop before saving anything from that step
+  (every checkpoint on disk is usable) and name the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -17,35 +26,56 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxtune.checkpoint import Checkpointer, scan_layers_for
 from jaxtune.config import Config, save_config, validate_against_devices
 from jaxtune.errors import ConfigError, TrainingError
-from jaxtune.sharding import batch_sharding, make_mesh, replicated, variable_sharding
+from jaxtune.sharding import batch_sharding, make_mesh, state_shardings, variable_sharding
 from jaxtune.train.logger import MetricsLogger
-from jaxtune.train.step import make_eval_step, make_train_step, stack_micro_batches
+from jaxtune.train.state import init_opt_state, jit_train_step, make_state, train_state_shardings
+from jaxtune.train.step import make_eval_step, stack_micro_batches
+
+
+def _sync(name: str) -> None:
+    """Barrier across hosts (no-op on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def prepare_run_dir(cfg: Config) -> tuple[Path, bool]:
-    """(run dir, whether to resume). Refuses to clobber a non-empty dir unless asked."""
+    """(run dir, whether to resume). Refuses to clobber a non-empty dir unless asked.
+
+    A directory holding a resolved ``config.yaml`` and a ``checkpoints/`` folder is a
+    jaxtune run: it is resumed (from scratch if it died before its first checkpoint).
+    Every host decides before any host writes, so the decision is the same everywhere.
+    """
     run_dir = Path(cfg.run.dir)
-    has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    if cfg.train.overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-        has_ckpt = False
-    elif run_dir.exists() and any(run_dir.iterdir()) and not (cfg.train.resume and has_ckpt):
-        if not cfg.train.resume or not has_ckpt:
+    is_run = (run_dir / "checkpoints").is_dir() and (run_dir / "config.yaml").is_file()
+    overwrite = bool(cfg.train.overwrite and run_dir.exists())
+    if not overwrite and run_dir.exists() and any(run_dir.iterdir()):
+        if not (cfg.train.resume and is_run):
             raise ConfigError(
                 f"run.dir {run_dir} is not empty and holds no checkpoint to resume; "
                 "choose another run.dir or pass train.overwrite=true"
             )
+    _sync("jaxtune_run_dir_checked")
+    if overwrite and jax.process_index() == 0:
+        shutil.rmtree(run_dir)
+    _sync("jaxtune_run_dir_cleared")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, bool(has_ckpt and cfg.train.resume)
+    return run_dir, bool(is_run and cfg.train.resume and not overwrite)
 
 
 def device_batch(batch: dict, mesh, leading: int = 0) -> dict:
-    """Host-local numpy batch -> global jax arrays sharded over (data, fsdp)."""
+    """Host-local numpy batch -> global jax arrays sharded over (data, fsdp).
+
+    Each host passes only its own rows; ``make_array_from_process_local_data``
+    assembles the global batch without any host seeing the others' data.
+    """
     out = {}
     for k, v in batch.items():
         if k == "labels":
@@ -59,16 +89,33 @@ class _Preempt:
     """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
 
     def __init__(self):
-        self.signal = None
-        self._old = {}
+        self.signal: str | None = None
+        self._old: dict = {}
 
     def __enter__(self):
         for s in (signal.SIGTERM, signal.SIGINT):
-            self._old[s] = signal.signal(s, self._handle)
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: signals stay with the caller
+                break
         return self
 
     def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
         self.signal = signal.Signals(signum).name
+
+    def agreed(self) -> str | None:
+        """The signal if *any* host got one: hosts must stop at the same step, or the
+        ones that go on would wait forever in the next step's collectives."""
+        if jax.process_count() == 1:
+            return self.signal
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
+        if self.signal is None and np.any(flags):
+            self.signal = "SIGTERM (on another host)"
+        return self.signal
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -90,6 +137,7 @@ def build_model(cfg: Config, mesh):
         dtype=cfg.model.dtype,
         scan_layers=scan_layers_for(cfg),
         remat=cfg.model.remat,
+        attention_impl=cfg.model.attention,
         sharding=variable_sharding(mesh),
     )
     if cfg.model.compute_dtype:
@@ -99,6 +147,7 @@ def build_model(cfg: Config, mesh):
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``train.steps``, or ``train.epochs`` worth of batches."""
     if cfg.train.steps:
         return int(cfg.train.steps)
     return max(1, math.ceil(cfg.train.epochs * steps_per_epoch / cfg.train.grad_accum))
@@ -133,12 +182,39 @@ def evaluate_loss(eval_fn, params, frozen, dataset, cfg: Config, mesh) -> dict:
     }
 
 
+def _nonfinite_message(row: dict, last_saved: int | None, ckpt: Checkpointer) -> str:
+    where = (
+        f"the last good checkpoint is step {last_saved} ({ckpt.directory / str(last_saved)})"
+        if last_saved
+        else "no checkpoint was saved"
+    )
+    return (
+        f"loss, gradients or weights became non-finite at step {row['step']} (loss "
+        f"{row['loss']}, grad norm {row['grad_norm']}); stopped without saving it, {where}. "
+        "Lower optim.lr, keep optim.grad_clip, or check the data"
+    )
+
+
 def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     """Runs (or resumes) a fine-tuning run; returns a summary dict.
 
     ``stop_after`` ends this invocation after that global step with a checkpoint, as a
     preemption would (time-boxed jobs; resume tests). The schedule still spans all steps.
+
+    Returns:
+      ``{"run_dir", "steps", "stop_reason", "final_loss", "eval", "seconds",
+      "compiles"}``; ``compiles`` counts compilations of the train step (one per
+      distinct batch shape; fixed ``data.length_buckets`` keep it at one).
+
+    Raises:
+      ConfigError: the mesh or batch does not fit the devices, or the run dir is taken.
+      TrainingError: the loss, gradients or weights became non-finite.
     """
+    with _Preempt() as pre:  # from the start: a signal during setup exits cleanly too
+        return _train(cfg, pre, stop_after)
+
+
+def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
     from jaxtune.api import load_tokenizer
     from jaxtune.data import BatchIterator, build_datasets
     from jaxtune.optim import build_optimizer, lr_schedule
@@ -148,6 +224,13 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     data_n, fsdp_n, tensor_n = validate_against_devices(
         cfg, jax.device_count(), jax.process_count()
     )
+    if (data_n * fsdp_n) % jax.process_count():
+        # Each host loads distinct rows, so its devices must hold distinct batch shards:
+        # only the batch axes (data, fsdp) may span hosts, not tensor.
+        raise ConfigError(
+            f"mesh data x fsdp = {data_n * fsdp_n} must be a multiple of the "
+            f"{jax.process_count()} processes (mesh.tensor must fit within one host)"
+        )
     mesh = make_mesh(data_n, fsdp_n, tensor_n)
     run_dir, resume = prepare_run_dir(cfg)
     if jax.process_index() == 0:
@@ -160,7 +243,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     model = build_model(cfg, mesh)
     filt = trainable_filter(model, cfg.peft)
     info = summary(model, filt)
-    print(info["text"] if isinstance(info, dict) and "text" in info else info)
+    if jax.process_index() == 0:
+        print(info["text"])
     graphdef, params, frozen = nnx.split(model, filt, ...)
     del model
 
@@ -175,7 +259,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     n_steps = total_steps(cfg, it.steps_per_epoch)
     tx = build_optimizer(cfg.optim, n_steps, params)
     schedule = lr_schedule(cfg.optim, n_steps)
-    opt_state = jax.jit(tx.init)(params)
+    opt_state = init_opt_state(tx, params, mesh)
     ckpt = Checkpointer(
         run_dir,
         keep=cfg.checkpoint.keep,
@@ -187,103 +271,105 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     start_step = 0
     if resume and ckpt.latest_step() is not None:
         start_step = ckpt.latest_step()
+        # Restored straight into the live shardings: a run saved on another mesh or
+        # device count resumes here unchanged.
         params, opt_state, data_state, _ = ckpt.restore(start_step, params, opt_state)
         it.restore(data_state)
-        print(f"resumed {run_dir} at step {start_step}")
-    state = {
-        "step": jnp.asarray(start_step, jnp.int32),
-        "params": params,
-        "opt_state": opt_state,
-        "seed": jnp.asarray(cfg.train.seed, jnp.uint32),
-    }
-    # Scalars (step, seed, optimizer counters) may sit on one device: replicate them so
-    # every input and output of the step lives on the mesh.
-    rep = replicated(mesh)
-    state = jax.tree.map(
-        lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, rep), state
-    )
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    dropout = cfg.peft.dropout > 0
-    step_fn = jax.jit(
-        make_train_step(graphdef, tx, grad_accum=cfg.train.grad_accum, dropout=dropout),
-        out_shardings=(shardings, None),
-        donate_argnums=(0,),
+        if jax.process_index() == 0:
+            print(f"resumed {run_dir} at step {start_step}")
+    state = make_state(start_step, params, opt_state, cfg.train.seed, mesh)
+    del params, opt_state
+    step_fn = jit_train_step(
+        graphdef,
+        tx,
+        train_state_shardings(state["params"], state["opt_state"], mesh),
+        state_shardings(frozen, mesh),
+        mesh,
+        grad_accum=cfg.train.grad_accum,
+        dropout=cfg.peft.dropout > 0,
     )
     eval_fn = jax.jit(make_eval_step(graphdef))
     val = datasets.get("validation")
-    logger = MetricsLogger(run_dir, cfg, n_steps, start_step, params=info)
-    saved = {"step": start_step}
+    logger = MetricsLogger(
+        run_dir, cfg, n_steps, start_step, params=info, devices=list(mesh.devices.flat)
+    )
+    saved = {"step": start_step if start_step else None}
 
     def save(step_no: int, metrics: dict) -> None:
+        # Orbax copies the arrays to host memory before ``save`` returns (on CPU it
+        # holds the buffers, and XLA then declines to donate them), so the next step
+        # donating ``state`` can never change what is being written.
         if saved["step"] != step_no:
             ckpt.save(
                 step_no, state["params"], state["opt_state"], it.state(), {"step": step_no}, metrics
             )
             saved["step"] = step_no
 
-    nan_message = None
+    nonfinite = None
     stop_reason = "completed"
     best, bad_evals, last_eval = None, 0, None
-    with _Preempt() as pre:
-        for step in range(start_step, n_steps):
-            micro = [next(it) for _ in range(cfg.train.grad_accum)]
-            batch = micro[0] if cfg.train.grad_accum == 1 else stack_micro_batches(micro)
-            lead = 0 if cfg.train.grad_accum == 1 else 1
-            t0 = time.perf_counter()
-            state, metrics = step_fn(state, frozen, device_batch(batch, mesh, lead))
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                nan_message = f"loss became {loss} at step {step + 1}; stopped (the last good checkpoint is kept)"
-                break
-            row = {
-                "step": step + 1,
-                "loss": loss,
-                "lr": float(schedule(step)),
-                "grad_norm": float(metrics["grad_norm"]),
-                "tokens": float(metrics["tokens"]),
-                "seq_tokens": int(batch["attention_mask"].sum()) * jax.process_count(),
-                "step_time": time.perf_counter() - t0,
-                "epoch": it.epoch,
-            }
-            do_eval = (
-                val is not None and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
-            )
-            if do_eval or (val is not None and step + 1 == n_steps):
-                ev = evaluate_loss(eval_fn, state["params"], frozen, val, cfg, mesh)
-                row.update(ev)
-                if last_eval is not None and ev["eval/loss"] > last_eval[0] and loss < last_eval[1]:
-                    logger.warn(
-                        f"validation loss rose ({last_eval[0]:.4f} -> {ev['eval/loss']:.4f}) while "
-                        "training loss fell: the model may be overfitting"
-                    )
-                last_eval = (ev["eval/loss"], loss)
-                metric = ev.get(cfg.train.early_stopping_metric)
-                if metric is not None:
-                    if best is None or metric < best:
-                        best, bad_evals = metric, 0
-                    else:
-                        bad_evals += 1
-            logger.log(row)
-            every = cfg.checkpoint.every
-            if (every and (step + 1) % every == 0) or pre.signal:
-                save(step + 1, _ev(row))
-            if stop_after is not None and step + 1 >= stop_after and step + 1 < n_steps:
-                save(step + 1, _ev(row))
-                stop_reason = f"stopped after step {step + 1}"
-                break
-            if pre.signal:
-                stop_reason = f"stopped by {pre.signal}"
-                break
-            if cfg.train.early_stopping_patience and bad_evals >= cfg.train.early_stopping_patience:
-                stop_reason = f"early stopping: {cfg.train.early_stopping_metric} did not improve"
-                break
-    final_step = int(state["step"])
-    if nan_message is None:
-        save(final_step, {})
+    lead = 0 if cfg.train.grad_accum == 1 else 1
+    for step in range(start_step, n_steps):
+        if pre.agreed():
+            stop_reason = f"stopped by {pre.signal}"
+            break
+        micro = [next(it) for _ in range(cfg.train.grad_accum)]
+        batch = micro[0] if cfg.train.grad_accum == 1 else stack_micro_batches(micro)
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, frozen, device_batch(batch, mesh, lead))
+        metrics = jax.device_get(metrics)  # one host sync per step, all scalars at once
+        row = {
+            "step": step + 1,
+            "loss": float(metrics["loss"]),
+            "lr": float(schedule(step)),
+            "grad_norm": float(metrics["grad_norm"]),
+            "tokens": float(metrics["tokens"]),
+            "seq_tokens": int(batch["attention_mask"].sum()) * jax.process_count(),
+            "step_time": time.perf_counter() - t0,
+            "epoch": it.epoch,
+        }
+        if not bool(metrics["finite"]):
+            nonfinite = _nonfinite_message(row, saved["step"], ckpt)
+            break
+        do_eval = (
+            val is not None and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
+        )
+        if do_eval or (val is not None and step + 1 == n_steps):
+            ev = evaluate_loss(eval_fn, state["params"], frozen, val, cfg, mesh)
+            row.update(ev)
+            if (
+                last_eval is not None
+                and ev["eval/loss"] > last_eval[0]
+                and row["loss"] < last_eval[1]
+            ):
+                logger.warn(
+                    f"validation loss rose ({last_eval[0]:.4f} -> {ev['eval/loss']:.4f}) while "
+                    "training loss fell: the model may be overfitting"
+                )
+            last_eval = (ev["eval/loss"], row["loss"])
+            metric = ev.get(cfg.train.early_stopping_metric)
+            if metric is not None:
+                if best is None or metric < best:
+                    best, bad_evals = metric, 0
+                else:
+                    bad_evals += 1
+        logger.log(row)
+        every = cfg.checkpoint.every
+        if every and (step + 1) % every == 0:
+            save(step + 1, _ev(row))
+        if stop_after is not None and step + 1 >= stop_after and step + 1 < n_steps:
+            stop_reason = f"stopped after step {step + 1}"
+            break
+        if cfg.train.early_stopping_patience and bad_evals >= cfg.train.early_stopping_patience:
+            stop_reason = f"early stopping: {cfg.train.early_stopping_metric} did not improve"
+            break
+    final_step = int(jax.device_get(state["step"]))
+    if nonfinite is None:
+        save(final_step, _ev(logger.last))
     ckpt.close()
     logger.close(stop_reason)
-    if nan_message:
-        raise TrainingError(nan_message)
+    if nonfinite:
+        raise TrainingError(nonfinite)
     summary_out = {
         "run_dir": str(run_dir),
         "steps": final_step,
@@ -291,8 +377,10 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
         "final_loss": logger.last.get("loss"),
         "eval": {k: v for k, v in logger.last.items() if k.startswith("eval/")},
         "seconds": time.perf_counter() - t_start,
+        "compiles": step_fn._cache_size(),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary_out, indent=2))
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary_out, indent=2))
     return summary_out
 
 

@@ -81,18 +81,43 @@ def make_train_step(
             init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
             (loss_sum, weight, grads), _ = jax.lax.scan(body, init, (batch, jnp.arange(grad_accum)))
         denom = jnp.maximum(weight, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        # Back to each parameter's dtype: dividing bf16 gradients by a float32 count
+        # would silently promote them, and with them the optimizer moments.
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
+        # The state leaves keep their dtypes whatever the optimizer computes in: a
+        # changed dtype would mean a second compilation (and more memory) next step.
+        params = _same_dtypes(params, state["params"])
+        opt_state = _same_dtypes(opt_state, state["opt_state"])
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        loss = loss_sum / denom
+        grad_norm = optax.tree.norm(grads)
         metrics = {
-            "loss": loss_sum / denom,
+            "loss": loss,
             "tokens": weight,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
+            # The host loop stops before saving a state whose loss, gradients or updated
+            # weights are not finite, so every checkpoint on disk is a usable one.
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params),
         }
         return new_state, metrics
 
     return train_step
+
+
+def _same_dtypes(new, old):
+    return jax.tree.map(lambda n, o: n.astype(o.dtype) if n.dtype != o.dtype else n, new, old)
+
+
+def all_finite(tree) -> jax.Array:
+    """bool []: every element of every (floating) leaf is finite."""
+    flags = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 def make_eval_step(graphdef):

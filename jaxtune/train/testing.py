@@ -1,0 +1,179 @@
+"""Tiny, fast fixtures for trainer tests: a word-level tokenizer, a random Llama, data.
+
+Everything is built locally in a second (no torch, no downloads): a ``tokenizers``
+word-level tokenizer saved as ``tokenizer.json``, a random jaxtune Llama written as an
+HF safetensors directory by ``save_hf``, and a JSONL instruction task ("reverse the
+words") that a model can visibly learn in a few steps. The vocabulary is tiny, so a
+step costs milliseconds on CPU and tests can afford many of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
+
+
+def tiny_tokenizer():
+    """A word-level HF fast tokenizer over ``WORDS`` + ``Reverse`` + ``:``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate([*SPECIALS, "Reverse", ":", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+def write_tiny_model(
+    out: str | Path,
+    *,
+    hidden: int = 32,
+    layers: int = 1,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 64,
+    seed: int = 0,
+) -> Path:
+    """A random Llama (vocab ``vocab`` >= the tokenizer's) + tokenizer, as an HF dir."""
+    import jax.numpy as jnp
+
+    from jaxtune.hf.io import save_hf
+    from jaxtune.models import init_model
+    from jaxtune.models.llama import LlamaConfig
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig.tiny(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = init_model(cfg, jnp.float32, seed=seed)
+    return save_hf(model, out, tokenizer=tok)
+
+
+def write_reverse_data(path: str | Path, n: int = 64, seed: int = 0) -> Path:
+    """JSONL instruction rows ``{"instruction": "Reverse: a b", "output": "b a"}``."""
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for _ in range(n):
+            q = " ".join(rng.choice(WORDS, rng.integers(2, 9)))
+            row = {"instruction": f"Reverse: {q}", "output": " ".join(q.split()[::-1])}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_config(path: str | Path, model_dir, data_file, run_dir, **sections: str) -> Path:
+    """A small LoRA run config; ``sections`` replace whole YAML sections (flow mappings).
+
+    Lengths are bucketed to ``train.seq_len`` (one batch shape: one compilation).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    defaults = {
+        "model": f"{{path: {model_dir}}}",
+        "data": (
+            f"{{train: {data_file}, format: instruction, template: plain, "
+            f"length_buckets: [32], cache_dir: {path.parent / 'cache'}}}"
+        ),
+        "peft": "{method: lora, rank: 4, alpha: 8, targets: all-linear}",
+        "optim": "{lr: 0.01, schedule: linear, warmup_steps: 2}",
+        "train": "{steps: 6, batch_size: 8, seq_len: 32}",
+        "checkpoint": "{every: 2, async_save: true}",
+        "logging": "{progress: false}",
+        "run": f"{{dir: {run_dir}}}",
+    }
+    defaults.update(sections)
+    path.write_text("\n".join(f"{k}: {v}" for k, v in defaults.items()) + "\n")
+    return path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``."""
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def checkpoint_arrays(run_dir: str | Path, step: int | None = None) -> tuple[int, dict]:
+    """(step, {name: numpy array}) of the trainable params in a run's checkpoint.
+
+    Restores onto this process's first device, whatever mesh or process count wrote it.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    from jaxtune.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(run_dir, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    ckpt.close()
+    path = Path(run_dir).absolute() / "checkpoints" / str(step) / "params"
+    ckptr = ocp.StandardCheckpointer()
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {
+        k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device) for k, m in dict(meta).items()
+    }
+    out = ckptr.restore(path, target)
+    return step, {k: np.asarray(v) for k, v in out.items()}
+
+
+CACHE_ENV = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
+
+
+def compile_cache_env(cache_dir: str | Path) -> dict[str, str]:
+    """Environment variables that make a subprocess share a persistent XLA cache.
+
+    Tests start several processes that compile the same programs; sharing compiled
+    executables turns all but the first compilation into a disk read.
+    """
+    return {"JAX_COMPILATION_CACHE_DIR": str(cache_dir), **CACHE_ENV}
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(cache_dir: str | Path):
+    """Uses a persistent XLA compilation cache in this process while the context lasts."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(cache_dir))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], -1)
+    cc.reset_cache()  # the cache decides once whether it is on: make it look again
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            jax.config.update(n, v)
+        cc.reset_cache()

@@ -1,0 +1,106 @@
+"""``jaxtune plan``: AOT compilation of the real train step for a TPU topology / N devices."""
+
+import argparse
+import importlib.util
+import json
+
+import pytest
+
+from jaxtune.config import load_config
+from jaxtune.errors import ConfigError
+from jaxtune.train import testing as T
+from jaxtune.train.command import add_plan_parser, run_plan
+from jaxtune.train.plan import model_config, presets
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install 'jax[tpu]'); TPU topologies need it",
+)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_plan_parser(sub, lambda s, name, h, d: s.add_parser(name, help=h, description=d))
+    return parser.parse_args(["plan", *argv])
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    """A config whose model.path does not exist: the architecture comes from the preset."""
+    root = tmp_path_factory.mktemp("plan")
+    return T.write_config(
+        root / "cfg.yaml",
+        root / "not-downloaded",
+        root / "train.jsonl",
+        root / "run",
+        model="{path: /nowhere/model, preset: tiny, dtype: bfloat16, remat: full}",
+        mesh="{data: 1, fsdp: -1, tensor: 1}",
+        train="{steps: 10, batch_size: 8, seq_len: 64}",
+    )
+
+
+@needs_libtpu
+def test_plan_for_a_v5p_topology(tiny_cfg, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert run_plan(_parse([str(tiny_cfg), "--topology", "v5p:2x2x2", "--json", str(out)])) == 0
+    text = capsys.readouterr().out
+    assert "8 x TPU v5" in text and "fits        yes" in text
+    p = json.loads(out.read_text())
+    assert p["num_devices"] == 8 and p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert p["hbm_bytes"] == 95 * 1024**3
+    assert 0 < p["argument_bytes"] and 0 < p["temp_bytes"] and p["fits"] is True
+    assert p["total_bytes"] == (
+        p["argument_bytes"]
+        + p["output_bytes"]
+        - p["alias_bytes"]
+        + p["temp_bytes"]
+        + p["code_bytes"]
+    )
+    assert p["alias_bytes"] > 0  # the donated state is updated in place
+    assert p["flops_per_device"] > 0 and p["model_flops"] > 0
+    # Too little memory: exit code 1 and a clear message.
+    assert run_plan(_parse([str(tiny_cfg), "--topology", "v5p:2x2x2", "--hbm-gib", "1e-6"])) == 1
+    captured = capsys.readouterr()
+    assert "fits        NO" in captured.out and "does not fit" in captured.err
+
+
+def test_plan_for_local_devices_without_libtpu(tiny_cfg, capsys):
+    # Fake CPU devices; CPU has no memory limit, so the fit is unknown (exit 0).
+    argv = [str(tiny_cfg), "mesh.fsdp=2", "mesh.data=-1", "--devices", "2"]
+    assert run_plan(_parse(argv)) == 0
+    text = capsys.readouterr().out
+    assert "2 x cpu" in text and "mesh data=1 x fsdp=2 x tensor=1" in text
+    assert "fits        unknown" in text
+
+
+def test_plan_errors(tiny_cfg):
+    with pytest.raises(ConfigError, match="expected GENERATION:AxB"):
+        run_plan(_parse([str(tiny_cfg), "--topology", "v5p-16"]))
+    with pytest.raises(ConfigError, match="does not match 4 devices"):
+        run_plan(_parse([str(tiny_cfg), "mesh.fsdp=8", "--devices", "4"]))
+    with pytest.raises(ConfigError, match="model.preset 'nope'"):
+        run_plan(_parse([str(tiny_cfg), "--devices", "1", "--preset", "nope"]))
+
+
+def test_architecture_comes_from_path_or_preset(tmp_path):
+    cfg = load_config(None, ["train.steps=1", "peft.method=full", "model.path=/nowhere"])
+    with pytest.raises(ConfigError, match="set model.preset"):
+        model_config(cfg)
+    assert model_config(cfg, "llama31_8b").hidden_size == 4096
+    assert {"llama31_8b", "llama3_8b", "smollm2_135m"} <= set(presets())
+    model_dir = T.write_tiny_model(tmp_path / "m", hidden=48)
+    cfg = load_config(
+        None,
+        ["train.steps=1", "peft.method=full", f"model.path={model_dir}", "model.preset=llama31_8b"],
+    )
+    assert model_config(cfg).hidden_size == 48  # existing weights win over the preset
+
+
+@pytest.mark.parametrize("name", ["llama31_8b_lora.yaml", "llama31_8b_full.yaml"])
+def test_accelerator_recipes_parse_and_name_a_preset(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / name)
+    assert cfg.model.preset == "llama31_8b" and cfg.model.dtype == "bfloat16"
+    assert model_config(cfg).num_layers == 32
