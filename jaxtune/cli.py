@@ -87,6 +87,12 @@ def _add_train(sub) -> None:
     add_distributed_args(p)
 
 
+def _add_eval(sub) -> None:
+    from jaxtune.eval.command import add_parser
+
+    add_parser(sub, lambda name, help_text, description: _sub(sub, name, help_text, description))
+
+
 def _add_plan(sub) -> None:
     from jaxtune.train.command import add_plan_parser
 
@@ -190,7 +196,15 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", title="commands", parser_class=Parser
     )
-    for add in (_add_train, _add_data, _add_convert, _add_export, _add_generate, _add_plan):
+    for add in (
+        _add_train,
+        _add_data,
+        _add_convert,
+        _add_export,
+        _add_generate,
+        _add_eval,
+        _add_plan,
+    ):
         add(sub)
     return parser
 
@@ -282,6 +296,12 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from jaxtune.eval.command import run
+
+    return run(args)
+
+
 def cmd_plan(args) -> int:
     from jaxtune.train.command import run_plan
 
@@ -289,6 +309,7 @@ def cmd_plan(args) -> int:
 
 
 COMMANDS = {
+    "eval": cmd_eval,
     "plan": cmd_plan,
     "train": cmd_train,
     "data": cmd_data,

@@ -1,13 +1,24 @@
-"""Batched generation with a KV cache: one jit-compiled prefill + ``while_loop`` decode.
+"""Batched generation with a KV cache: a jit-compiled prefill, then ``while_loop`` decoding.
 
 Prompts are left-padded to a bucketed length so every row's next token lands in the
 same cache slot; RoPE positions come from the attention mask (``cumsum - 1``), so
-padding never shifts a prompt's positions.
+padding never shifts a prompt's positions (the tests check equality with step-by-step
+decoding without a cache and with transformers' ``generate``).
+
+Decoding runs on the device until every row has produced an EOS or ``max_new_tokens``.
+With stop strings it runs in chunks of ``chunk`` tokens: between chunks the host decodes
+the rows and marks those whose text contains a stop string as done, so generation ends
+early instead of always running to the token limit. The cache and the other loop state
+are donated between chunks (no copies).
+
+Every row ends with a finish reason: ``eos``, ``stop`` (a stop string) or ``length``
+(hit ``max_new_tokens``: a possibly truncated answer).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,7 +30,7 @@ from flax import nnx
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Decoding options. ``temperature == 0`` is greedy."""
+    """Decoding options. ``temperature == 0`` is greedy; top-k then top-p filter samples."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -28,70 +39,104 @@ class SamplingConfig:
     seed: int = 0
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float):
-    """logits: float [B, V] -> token ids int32 [B]."""
-    if temperature <= 0.0:
+def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Samples one token per row: float [B, V] -> int32 [B].
+
+    ``temperature``, ``top_k`` and ``top_p`` may be traced scalars, so changing them
+    never recompiles. ``temperature <= 0`` is greedy (the sampling branch is skipped at
+    run time by ``lax.cond``). Top-k then top-p (nucleus: the smallest set of most likely
+    tokens whose probability reaches ``top_p``; the most likely token always stays) are
+    applied as logit thresholds computed on the sorted logits.
+    """
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_k = jnp.asarray(top_k, jnp.int32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+
+    def greedy(_):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    neg = jnp.finfo(logits.dtype).min
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, neg, logits)
-    if top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+
+    def sample(_):
+        x = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+        neg = jnp.finfo(jnp.float32).min
+        desc = -jnp.sort(-x, axis=-1)
+        v = x.shape[-1]
+        k = jnp.where(top_k > 0, jnp.clip(top_k, 1, v), v)
+        kth = jax.lax.dynamic_slice_in_dim(desc, k - 1, 1, axis=1)  # [B, 1]
+        desc = jnp.where(desc < kth, neg, desc)
+        probs = jax.nn.softmax(desc, axis=-1)
         cum_before = jnp.cumsum(probs, axis=-1) - probs
-        drop_sorted = cum_before >= top_p
-        drop = (
-            jnp.zeros_like(drop_sorted)
-            .at[jnp.arange(logits.shape[0])[:, None], order]
-            .set(drop_sorted)
-        )
-        logits = jnp.where(drop, neg, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        keep = (cum_before < top_p) | (top_p >= 1.0)
+        thresh = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where((x < kth) | (x < thresh), neg, x)
+        return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new", "temperature", "top_k", "top_p"))
-def _generate(graphdef, state, ids, mask, eos_ids, key, *, max_new, temperature, top_k, top_p):
+@partial(jax.jit, static_argnames=("graphdef", "max_new"))
+def _prefill(graphdef, state, ids, mask, eos_ids, key, temperature, top_k, top_p, *, max_new):
+    """Runs the prompts [B, P] into a fresh cache and samples the first new token.
+
+    Returns the decode carry: ``i`` (tokens produced), ``tok`` [B], ``cache``, ``out``
+    [B, max_new], ``done`` [B], ``key``, ``mask`` [B, P + max_new], ``last_pos`` [B].
+    """
     model = nnx.merge(graphdef, state)
     b, p = ids.shape
-    s = p + max_new
-    cache = model.init_cache(b, s)
+    cache = model.init_cache(b, p + max_new)
     full_mask = jnp.concatenate([mask, jnp.ones((b, max_new), mask.dtype)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    logits, cache = model(ids, full_mask, positions=positions, cache=cache, cache_index=0)
-    last_pos = positions[:, -1]
+    h, cache = model.hidden_states(ids, full_mask, positions=positions, cache=cache, cache_index=0)
+    # Only the last position's logits are needed: skip the vocabulary projection of the rest.
+    logits = model.logits_from_hidden(h[:, -1:])[:, 0]
     key, sub = jax.random.split(key)
-    tok = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
-    out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
-    done = jnp.isin(tok, eos_ids)
+    tok = sample_logits(logits, sub, temperature, top_k, top_p)
+    return {
+        "i": jnp.int32(1),
+        "tok": tok,
+        "cache": cache,
+        "out": jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok),
+        "done": jnp.isin(tok, eos_ids),
+        "key": key,
+        "mask": full_mask,
+        "last_pos": positions[:, -1],
+    }
 
-    def cond(carry):
-        i, _, _, _, done, _ = carry
-        return (i < max_new) & ~jnp.all(done)
 
-    def body(carry):
-        i, tok, cache, out, done, key = carry
-        pos = (last_pos + i)[:, None]
+@partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("carry",))
+def _decode(graphdef, state, carry, eos_ids, temperature, top_k, top_p, *, steps):
+    """Decodes up to ``steps`` more tokens (fewer if every row is done)."""
+    model = nnx.merge(graphdef, state)
+    max_new = carry["out"].shape[1]
+    p = carry["mask"].shape[1] - max_new
+    stop_at = jnp.minimum(carry["i"] + steps, max_new)
+
+    def cond(c):
+        return (c["i"] < stop_at) & ~jnp.all(c["done"])
+
+    def body(c):
+        i = c["i"]
+        pos = (c["last_pos"] + i)[:, None]
         logits, cache = model(
-            tok[:, None], full_mask, positions=pos, cache=cache, cache_index=p + i - 1
+            c["tok"][:, None], c["mask"], positions=pos, cache=c["cache"], cache_index=p + i - 1
         )
-        key, sub = jax.random.split(key)
+        key, sub = jax.random.split(c["key"])
         nxt = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
-        nxt = jnp.where(done, 0, nxt)
-        out = out.at[:, i].set(nxt)
-        done = done | jnp.isin(nxt, eos_ids)
-        return i + 1, nxt, cache, out, done, key
+        nxt = jnp.where(c["done"], 0, nxt)
+        return {
+            **c,
+            "i": i + 1,
+            "tok": nxt,
+            "cache": cache,
+            "out": c["out"].at[:, i].set(nxt),
+            "done": c["done"] | jnp.isin(nxt, eos_ids),
+            "key": key,
+        }
 
-    n, _, _, out, done, _ = jax.lax.while_loop(
-        cond, body, (jnp.int32(1), tok, cache, out, done, key)
-    )
-    return out, n
+    return jax.lax.while_loop(cond, body, carry)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
+    """Ids that end generation: the model config's EOS id(s) and the tokenizer's."""
     ids = set()
     cfg_eos = getattr(model.config, "eos_token_id", None)
     if isinstance(cfg_eos, int):
@@ -103,22 +148,43 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids) or [-1]
 
 
+def _cut(row: Sequence[int], eos: set[int]) -> tuple[list[int], bool]:
+    toks = []
+    for t in row:
+        if t in eos:
+            return toks, True
+        toks.append(t)
+    return toks, False
+
+
 def generate_ids(
     model,
     prompt_ids: list[list[int]],
     eos_ids: list[int],
     sampling: SamplingConfig,
     pad_id: int = 0,
+    *,
+    stop_fn: Callable[[list[int]], bool] | None = None,
+    chunk: int = 16,
 ):
     """Generates continuations of token-id prompts.
 
     Args:
       prompt_ids: B lists of token ids.
       eos_ids: ids that end a sequence (not included in the output).
+      sampling: decoding options.
+      pad_id: left-padding id (masked).
+      stop_fn: ``stop_fn(generated ids) -> bool``, checked on the host every ``chunk``
+        tokens; True ends that row (finish reason ``stop``). None decodes in one call.
+      chunk: tokens per device call when ``stop_fn`` is given.
 
     Returns:
-      (list of B generated id lists, stats dict with ``tokens_per_sec``).
+      (B generated id lists, cut at EOS; stats ``{"tokens", "seconds", "tokens_per_sec",
+      "prefill_seconds", "finish_reasons" [B], "token_counts" [B]}``). ``seconds``
+      includes compilation on the first call of a shape.
     """
+    if sampling.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
     b = len(prompt_ids)
     p = max(len(x) for x in prompt_ids)
     p = -(-p // 8) * 8  # bucket: bounded number of compiled prompt lengths
@@ -128,39 +194,69 @@ def generate_ids(
         ids[i, p - len(row) :] = row
         mask[i, p - len(row) :] = 1
     graphdef, state = nnx.split(model)
+    # Traced, not static: new sampling settings reuse the compiled functions.
+    knobs = (
+        jnp.float32(sampling.temperature),
+        jnp.int32(sampling.top_k),
+        jnp.float32(sampling.top_p),
+    )
+    eos_arr = jnp.asarray(eos_ids, jnp.int32)
+    max_new = int(sampling.max_new_tokens)
     t0 = time.perf_counter()
-    out, n = _generate(
+    carry = _prefill(
         graphdef,
         state,
         jnp.asarray(ids),
         jnp.asarray(mask),
-        jnp.asarray(eos_ids, jnp.int32),
+        eos_arr,
         jax.random.key(sampling.seed),
-        max_new=sampling.max_new_tokens,
-        temperature=float(sampling.temperature),
-        top_k=int(sampling.top_k),
-        top_p=float(sampling.top_p),
+        *knobs,
+        max_new=max_new,
     )
-    out = np.asarray(out)
+    jax.block_until_ready(carry["tok"])
+    prefill_s = time.perf_counter() - t0
+    eos, stopped = set(eos_ids), np.zeros(b, bool)
+    steps = max_new if stop_fn is None else max(1, int(chunk))
+    while True:
+        carry = _decode(graphdef, state, carry, eos_arr, *knobs, steps=steps)
+        n = int(carry["i"])
+        done = np.array(carry["done"])
+        if stop_fn is not None and n < max_new and not done.all():
+            out = np.asarray(carry["out"][:, :n])
+            for r in np.flatnonzero(~done):
+                if stop_fn(_cut(out[r].tolist(), eos)[0]):
+                    stopped[r] = done[r] = True
+            carry = {**carry, "done": jnp.asarray(done)}
+        if n >= max_new or done.all():
+            break
+    out = np.asarray(carry["out"][:, :n])
     elapsed = time.perf_counter() - t0
-    results = []
-    for row in out[:, : int(n)]:
-        toks = []
-        for t in row.tolist():
-            if t in eos_ids:
-                break
-            toks.append(t)
+    if stop_fn is not None:  # rows that reached a stop string in the final chunk
+        for r in np.flatnonzero(~stopped):
+            stopped[r] = stop_fn(_cut(out[r].tolist(), eos)[0])
+    results, reasons = [], []
+    for r, row in enumerate(out.tolist()):
+        toks, hit_eos = _cut(row, eos)
         results.append(toks)
+        reasons.append("stop" if stopped[r] else "eos" if hit_eos else "length")
     produced = sum(len(r) for r in results)
     return results, {
         "tokens": produced,
         "seconds": elapsed,
         "tokens_per_sec": produced / max(elapsed, 1e-9),
+        "prefill_seconds": prefill_s,
+        "finish_reasons": reasons,
+        "token_counts": [len(r) for r in results],
     }
 
 
 def render_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
-    """Token ids of a prompt, through the chat template when ``chat``."""
+    """Token ids of a prompt, through the chat template when ``chat``.
+
+    The rendered template already holds every special token (BOS, role markers), so it is
+    tokenized with ``add_special_tokens=False``: ids equal
+    ``apply_chat_template(..., tokenize=True)`` (tested), never a doubled BOS.
+    """
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             from jaxtune.errors import ConfigError
@@ -174,22 +270,45 @@ def render_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None)
     return tokenizer(prompt)["input_ids"]
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one was found."""
+    hits = [text.index(s) for s in stop if s and s in text]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
 def generate_text(
-    model, tokenizer, prompts: list[str], sampling: SamplingConfig, *, chat=False, stop=()
+    model,
+    tokenizer,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    *,
+    chat=False,
+    stop=(),
+    system: str | None = None,
 ):
-    """Generates text for each prompt; cuts at the first stop string.
+    """Generates text for each prompt; stops a row at EOS or at its first stop string.
+
+    Args:
+      prompts: B prompt strings.
+      sampling: decoding options.
+      chat: render each prompt as a user turn with the tokenizer's chat template.
+      stop: stop strings; the returned text ends before the earliest one.
+      system: system message for chat rendering.
 
     Returns:
-      (list of B strings, stats dict).
+      (B strings, stats as :func:`generate_ids`).
     """
-    prompt_ids = [render_prompt(tokenizer, p, chat) for p in prompts]
+    prompt_ids = [render_prompt(tokenizer, p, chat, system) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    outs, stats = generate_ids(model, prompt_ids, eos_token_ids(model, tokenizer), sampling, pad)
-    texts = []
-    for ids in outs:
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        for s in stop:
-            if s and s in text:
-                text = text[: text.index(s)]
-        texts.append(text)
+    stop = [s for s in stop if s]
+    stop_fn = None
+    if stop:
+
+        def stop_fn(ids):
+            return cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)[1]
+
+    outs, stats = generate_ids(
+        model, prompt_ids, eos_token_ids(model, tokenizer), sampling, pad, stop_fn=stop_fn
+    )
+    texts = [cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)[0] for ids in outs]
     return texts, stats

@@ -1,0 +1,261 @@
+"""Run a set of evaluation tasks on a model: ``run_tasks(model, tokenizer, tasks) -> dict``.
+
+Task kinds (a name or a file path each):
+
+* multiple choice: ``arc_easy``, ``arc_challenge``, ``hellaswag``, ``boolq``, ``mmlu``
+  (all subjects: ``mmlu`` is their macro average, each subject also reported as
+  ``mmlu_<subject>``), ``mmlu_<subject>``, or a JSONL file of
+  ``{"context", "choices", "label"}`` -> ``acc``, ``acc_norm``, ``acc_stderr``, ``n``;
+* generation: a JSONL file of ``{"prompt": str, "reference": str | [str] (optional)}`` ->
+  error-analysis metrics (exact match, F1, lengths, repetition, empty / truncated rates)
+  and ``tokens_per_sec``;
+* ``perplexity``: held-out loss on ``eval_data`` (a tokenized split) -> ``loss``,
+  ``perplexity``, ``tokens``.
+
+Every task name and task file is validated before anything runs, so a typo or a bad
+line fails in a second, not after an hour of scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from jaxtune.errors import ConfigError, DataError
+from jaxtune.eval import tasks as T
+
+PERPLEXITY = ("perplexity", "ppl")
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """``"a,b, c"`` or a list -> validated, de-duplicated task names (files kept as paths)."""
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    out = []
+    for name in (n.strip() for n in names):
+        if not name:
+            continue
+        name = "perplexity" if name in PERPLEXITY else T.resolve_task(name)
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ConfigError("no evaluation tasks given (e.g. --tasks arc_easy,hellaswag)")
+    return out
+
+
+def file_task_kind(path: str) -> str:
+    """``"choice"`` or ``"generate"``, from the first row's fields."""
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{no}: not valid JSON ({e.msg})") from None
+            if isinstance(row, dict) and "prompt" in row and "choices" not in row:
+                return "generate"
+            return "choice"
+    raise DataError(f"{path}: no items (expected one JSON object per line: {T.TASK_FIELDS})")
+
+
+def read_generation_task(path: str) -> list[dict]:
+    """Rows ``{"prompt", "reference"}`` of a generation task file (validated).
+
+    ``answer`` is accepted as another name for ``reference``.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise DataError(
+                    f'{where}: missing field \'prompt\' (expected {{"prompt": str, "reference": '
+                    "str (optional)})"
+                )
+            ref = row.get("reference", row.get("answer"))
+            ok = ref is None or isinstance(ref, str)
+            ok = ok or (isinstance(ref, list) and all(isinstance(r, str) for r in ref))
+            if not ok:
+                raise DataError(f"{where}: field 'reference' must be a string or list of strings")
+            rows.append({"prompt": row["prompt"], "reference": ref})
+    return rows
+
+
+def run_generation(
+    model,
+    tokenizer,
+    rows: list[dict],
+    sampling,
+    *,
+    batch_size: int = 8,
+    chat: bool = False,
+    stop: Sequence[str] = (),
+) -> tuple[dict, list[dict]]:
+    """Generates an answer per row and analyses them.
+
+    Prompts are sorted by length and batched with a fixed batch shape (the last batch is
+    filled with copies), so a task compiles once per prompt-length bucket.
+
+    Returns:
+      (flat metrics incl. ``tokens_per_sec``, per-sample records with text and flags).
+    """
+    from jaxtune.eval.analysis import analyze_generations, flat_metrics
+    from jaxtune.eval.generate import generate_text
+
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt"]))
+    texts: list[str] = [""] * len(rows)
+    reasons: list[str] = [""] * len(rows)
+    counts: list[int] = [0] * len(rows)
+    tokens = seconds = 0.0
+    bs = max(1, min(batch_size, len(rows)))
+    for start in range(0, len(order), bs):
+        idx = order[start : start + bs]
+        prompts = [rows[i]["prompt"] for i in idx]
+        prompts += [prompts[-1]] * (bs - len(prompts))
+        out, stats = generate_text(model, tokenizer, prompts, sampling, chat=chat, stop=stop)
+        for r, i in enumerate(idx):
+            texts[i] = out[r]
+            reasons[i] = stats["finish_reasons"][r]
+            counts[i] = stats["token_counts"][r]
+        tokens += sum(stats["token_counts"][: len(idx)])
+        seconds += stats["seconds"]
+    analysis = analyze_generations(
+        texts,
+        references=[r["reference"] for r in rows],
+        finish_reasons=reasons,
+        token_counts=counts,
+    )
+    metrics = flat_metrics(analysis["summary"])
+    metrics["tokens_per_sec"] = tokens / max(seconds, 1e-9)
+    samples = [
+        {"prompt": r["prompt"], "reference": r["reference"], "output": t, **s}
+        for r, t, s in zip(rows, texts, analysis["samples"], strict=True)
+    ]
+    return metrics, samples
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: str | Sequence[str],
+    *,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    seed: int = T.DEFAULT_FEWSHOT_SEED,
+    batch_size: int = 32,
+    max_len: int | None = None,
+    eval_data=None,
+    sampling=None,
+    chat: bool = False,
+    stop: Sequence[str] = (),
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, dict]:
+    """Runs evaluation tasks; the trainer and ``jaxtune eval`` both call this.
+
+    Args:
+      model: a causal LM (``jaxtune.from_pretrained(...)``, or the model being trained).
+      tokenizer: its tokenizer (``jaxtune.load_tokenizer``).
+      tasks: names / JSONL paths, as a list or a comma-separated string.
+      limit: first N items per task (per subject for ``mmlu``); None = all.
+      num_fewshot: k solved examples before each question (multiple-choice tasks).
+      seed: few-shot sampling seed (the harness's 1234 by default).
+      batch_size: (item, choice) rows per forward pass; generation prompts per batch is
+        ``batch_size // 4`` (at least 1).
+      max_len: token budget per scored sequence; default min(2048, model max positions).
+      eval_data: a tokenized split (``TokenizedDataset``) for ``perplexity``.
+      sampling: :class:`~jaxtune.eval.generate.SamplingConfig` for generation tasks.
+      chat: render generation prompts with the chat template.
+      stop: stop strings for generation tasks.
+      out_dir: if given, per-item predictions / samples go to ``out_dir/predictions/``.
+      log: progress lines (None = silent).
+
+    Returns:
+      ``{task: {metric: value}}``; multiple-choice tasks have ``acc``, ``acc_norm``,
+      ``acc_stderr`` and ``n``.
+
+    Raises:
+      ConfigError / DataError: unknown task, bad task file, ``perplexity`` without data.
+    """
+    from jaxtune.eval.generate import SamplingConfig
+    from jaxtune.eval.multiple_choice import evaluate_items, grouped_metrics
+
+    names = parse_tasks(tasks)
+    say = log or (lambda s: None)
+    if max_len is None:
+        max_len = min(2048, int(getattr(model.config, "max_position_embeddings", 2048) or 2048))
+    # Load and validate everything before scoring anything.
+    loaded: dict[str, tuple[str, object]] = {}
+    for name in names:
+        if name == "perplexity":
+            if eval_data is None:
+                raise ConfigError(
+                    "task 'perplexity' needs held-out data: give a config with data.validation "
+                    "(jaxtune eval CONFIG.yaml) or --data FILE"
+                )
+            loaded[name] = ("perplexity", eval_data)
+        elif T.is_file_task(name) and file_task_kind(name) == "generate":
+            rows = read_generation_task(name)
+            loaded[T.file_task_name(name)] = ("generate", rows[:limit] if limit else rows)
+        else:
+            key = T.file_task_name(name) if T.is_file_task(name) else name
+            items = T.load_task(name, num_fewshot=num_fewshot, seed=seed, limit=limit)
+            loaded[key] = ("choice", items)
+    results: dict[str, dict] = {}
+    out = Path(out_dir) if out_dir is not None else None
+    for key, (kind, payload) in loaded.items():
+        t0 = time.perf_counter()
+        if kind == "perplexity":
+            from jaxtune.eval.perplexity import evaluate_loss
+
+            m = evaluate_loss(model, payload, batch_size=max(1, batch_size // 4))
+            results[key] = {k: m[k] for k in ("loss", "perplexity", "tokens")}
+        elif kind == "generate":
+            sampling = sampling or SamplingConfig()
+            m, samples = run_generation(
+                model,
+                tokenizer,
+                payload,
+                sampling,
+                batch_size=max(1, batch_size // 4),
+                chat=chat,
+                stop=stop,
+            )
+            results[key] = m
+            if out is not None:
+                _write_jsonl(out / "predictions" / f"{key}.jsonl", samples)
+        else:
+            metrics, preds = evaluate_items(
+                model, tokenizer, payload, batch_size=batch_size, max_len=max_len
+            )
+            if key == "mmlu":
+                grouped = grouped_metrics("mmlu", preds)
+                results["mmlu"] = grouped.pop("mmlu")  # the macro average first, then subjects
+                results.update(grouped)
+            else:
+                results[key] = metrics
+            if out is not None:
+                _write_jsonl(out / "predictions" / f"{key}.jsonl", preds)
+        secs = time.perf_counter() - t0
+        shown = results[key]
+        summary = ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in list(shown.items())[:4]
+        )
+        say(f"{key}: {summary} ({secs:.1f}s)")
+    return results
