@@ -83,12 +83,6 @@ def from_pretrained(
     if scan_layers is not None:
         opts["scan_layers"] = scan_layers
     if kind == "hf":
-        from jaxtune.classify import is_classifier_dir, load_classifier
-
-        if is_classifier_dir(path):  # *ForSequenceClassification: backbone + head
-            model = load_classifier(path, dtype, scan_layers=scan_layers)
-            model.source = str(path)
-            return model
         _, cfg = hf_io.read_hf_config(path)
         cfg = cfg.replace(**opts)
         files = hf_io.safetensors_files(path)
