@@ -83,6 +83,12 @@ def from_pretrained(
     if scan_layers is not None:
         opts["scan_layers"] = scan_layers
     if kind == "hf":
+        from jaxtune.classify import is_classifier_dir, load_classifier
+
+        if is_classifier_dir(path):  # *ForSequenceClassification: backbone + head
+            model = load_classifier(path, dtype, scan_layers=scan_layers)
+            model.source = str(path)
+            return model
         _, cfg = hf_io.read_hf_config(path)
         cfg = cfg.replace(**opts)
         files = hf_io.safetensors_files(path)
@@ -148,11 +154,19 @@ def save_pretrained(
 ) -> Path:
     """Writes an HF directory (adapters merged) that transformers loads.
 
-    The tokenizer is copied from ``model.source`` when not given.
+    The tokenizer is copied from ``model.source`` when not given. A
+    ``SequenceClassifier`` becomes a verified ``*ForSequenceClassification`` dir
+    (``jaxtune.classify.export_classifier``; weights keep their dtype).
     """
     from jaxtune.hf.io import save_hf
+    from jaxtune.models.heads import SequenceClassifier
     from jaxtune.peft import merged_copy
 
+    if isinstance(model, SequenceClassifier):
+        from jaxtune.classify import export_classifier
+
+        export_classifier(model, out_dir, tokenizer=tokenizer)
+        return Path(out_dir)
     if tokenizer is None and getattr(model, "source", None):
         try:
             tokenizer = load_tokenizer(model.source)
