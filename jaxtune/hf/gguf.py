@@ -11,24 +11,25 @@ of a Hugging Face checkpoint, so the rest of jaxtune reuses its HF key tables un
         ...
     tokenizer = load_gguf_tokenizer(path)        # HF fast tokenizer with chat template
 
-Adding an architecture (qwen2, gemma3, ...) means one :class:`_Arch` entry in ``_ARCHS``: a
-config function, a tensor-name table and a per-tensor fix-up function.
+Adding an architecture means one :class:`~jaxtune.hf.gguf_arch.Arch` entry (a config function,
+a tensor-name table and a per-tensor fix-up function) in a ``gguf_<family>.py`` module:
+:mod:`~jaxtune.hf.gguf_llama` (``llama``), :mod:`~jaxtune.hf.gguf_gemma` (``gemma3``).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.hf.gguf_reader import GGUFFile, GGUFFormatError, GGUFValueType, TensorInfo
+from jaxtune.hf import gguf_gemma, gguf_llama
+from jaxtune.hf.gguf_arch import Arch, Meta, dequantize
+from jaxtune.hf.gguf_reader import GGUFFile, GGUFFormatError
 
 _MAGIC = b"GGUF"
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -79,229 +80,10 @@ def _reader(path: str, size: int, mtime_ns: int) -> GGUFFile:
     return reader
 
 
-class _Meta:
-    """Typed access to a file's metadata, with errors that name the file."""
-
-    def __init__(self, path: Path, reader: GGUFFile):
-        self.path = path
-        self.reader = reader
-        self.tensors = {t.name: t for t in reader.tensors}
-        self.arch = str(self.get("general.architecture", "")) or "<missing>"
-
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            value = self.reader.get(key, default)
-        except GGUFFormatError as exc:  # a large array is decoded (and checked) only here
-            raise self.fail(f"corrupt metadata value {key!r} ({exc})") from None
-        # GGUF stores floats as float32: 1e-5 reads back as 9.999999747e-06. The shortest
-        # decimal that round-trips through float32 is the value the HF config had.
-        if self.reader.value_type(key) == GGUFValueType.FLOAT32:
-            value = float(str(np.float32(value)))
-        return value
-
-    def require(self, key: str) -> Any:
-        value = self.get(key)
-        if value is None:
-            raise ModelLoadError(
-                f"{self.path}: GGUF metadata has no {key!r} (needed to build the "
-                f"{self.arch!r} config)"
-            )
-        return value
-
-    def fail(self, what: str) -> ModelLoadError:
-        return ModelLoadError(f"{self.path}: {what} (architecture {self.arch!r})")
+_ARCHS: dict[str, Arch] = {**gguf_llama.ARCHS, **gguf_gemma.ARCHS}
 
 
-def _dequantize(path: Path, t: TensorInfo) -> np.ndarray:
-    """One tensor as float32 in numpy (row-major, slowest axis first) order."""
-    import gguf
-
-    try:
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
-    except Exception as exc:  # NotImplementedError for exotic types, ValueError for bad sizes
-        raise ModelLoadError(
-            f"{path}: cannot dequantize tensor {t.name!r} of type {t.tensor_type.name} "
-            f"({type(exc).__name__}: {exc})"
-        ) from None
-    # GGUF lists dims fastest-first (ggml's ne[0] is the row length); numpy wants the reverse.
-    shape = tuple(int(d) for d in reversed(t.shape))
-    w = np.asarray(w, dtype=np.float32).reshape(shape)
-    # F32 tensors come back as views of the read-only memory map; hand out owned memory.
-    return w if w.flags.writeable else w.copy()
-
-
-# --------------------------------------------------------------------------- architectures
-
-
-@dataclass(frozen=True)
-class _Arch:
-    """How one ``general.architecture`` maps onto a Hugging Face model."""
-
-    config: Callable[[_Meta], dict]  # metadata -> HF config dict
-    tensors: dict[str, str]  # GGUF name ("blk.{i}." for layers) -> HF name
-    fix: Callable[[str, np.ndarray, dict], np.ndarray]  # (HF name, array, config) -> array
-    consumed: frozenset[str] = frozenset()  # GGUF tensors folded into the config instead
-
-
-def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverts llama.cpp's q/k row permutation (interleaved RoPE -> HF rotate-half).
-
-    convert_hf_to_gguf.py stores ``w.reshape(n_head, 2, d // 2, in).swapaxes(1, 2)``; swapping
-    the same axes of the ``(n_head, d // 2, 2, in)`` view restores HF's order exactly.
-
-    Args:
-        w: [n_head * head_dim, in_features] projection weight as stored in the GGUF.
-        n_head: heads in this projection (query heads for q, key/value heads for k).
-
-    Returns:
-        [n_head * head_dim, in_features] weight in HF layout.
-    """
-    out = w.shape[0]
-    half = out // n_head // 2
-    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _llama_fix(name: str, w: np.ndarray, config: dict) -> np.ndarray:
-    for proj, heads in (("q_proj", "num_attention_heads"), ("k_proj", "num_key_value_heads")):
-        if name.endswith(f"self_attn.{proj}.weight"):
-            # A wrong head count would still reshape cleanly and silently scramble rows.
-            if w.shape[0] != config[heads] * config["head_dim"]:
-                raise ValueError(f"expected {config[heads]} x {config['head_dim']} rows")
-            return _unpermute_rows(w, config[heads])
-    return w
-
-
-def _llama3_factors(params: dict, inv_freq: np.ndarray) -> np.ndarray:
-    """llama.cpp's ``rope_freqs`` (per-frequency divisors) for HF llama3 rope parameters."""
-    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
-    old = params["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old / wavelen - low) / (high - low)
-    mid = 1 / ((1 - smooth) / factor + smooth)
-    return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, mid))
-
-
-def _llama3_rope(meta: _Meta, theta: float, head_dim: int) -> dict | None:
-    """Recovers HF ``rope_type: llama3`` parameters from a ``rope_freqs.weight`` tensor.
-
-    llama.cpp writes Llama 3.1+ rope scaling as that tensor, not as metadata. Its mid band
-    is linear in 1 / wavelength; with ``low_freq_factor = 1`` (Meta's value) the slope and
-    intercept give the rest. The result is checked by recomputing the tensor.
-    """
-    f = _dequantize(meta.path, meta.tensors["rope_freqs.weight"]).astype(np.float64).ravel()
-    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    if f.shape != inv_freq.shape:
-        raise meta.fail(f"rope_freqs.weight has {f.size} entries, expected {inv_freq.size}")
-    if np.allclose(f, 1.0):
-        return None
-    factor = float(f.max())
-    mid = (f > 1 + 1e-5) & (f < factor * (1 - 1e-5))
-    params = None
-    slope = intercept = 0.0
-    if mid.sum() >= 2:
-        smooth = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
-        slope, intercept = np.polyfit(inv_freq[mid] / (2 * math.pi), smooth, 1)
-    if slope > 0 > intercept:  # the signs llama3's smooth = (old / wavelen - 1) / (high - 1) has
-        params = {
-            "rope_type": "llama3",
-            "rope_theta": theta,
-            "factor": float(f"{factor:.6g}"),
-            "low_freq_factor": 1.0,
-            "high_freq_factor": float(f"{1 - 1 / intercept:.6g}"),
-            "original_max_position_embeddings": int(round(-slope / intercept)),
-        }
-    if params is None or not np.allclose(_llama3_factors(params, inv_freq), f, rtol=1e-4):
-        raise meta.fail("rope_freqs.weight does not match llama3 rope scaling; not supported")
-    return params
-
-
-def _llama_rope(meta: _Meta, theta: float, head_dim: int) -> dict:
-    a = meta.arch
-    kind = meta.get(f"{a}.rope.scaling.type", "none")
-    linear = meta.get(f"{a}.rope.scale_linear")  # older llama.cpp spelling
-    if kind == "none" and linear not in (None, 1.0):
-        kind, factor = "linear", linear
-    elif kind == "linear":
-        factor = meta.require(f"{a}.rope.scaling.factor")
-    elif kind != "none":
-        raise meta.fail(f"rope scaling {kind!r} is not supported (supported: linear, llama3)")
-    if "rope_freqs.weight" in meta.tensors:
-        if kind != "none":
-            raise meta.fail(f"both rope_freqs.weight and rope scaling {kind!r} are set")
-        return _llama3_rope(meta, theta, head_dim) or {"rope_type": "default", "rope_theta": theta}
-    if kind == "linear":
-        return {"rope_type": "linear", "rope_theta": theta, "factor": float(factor)}
-    return {"rope_type": "default", "rope_theta": theta}
-
-
-def _llama_config(meta: _Meta) -> dict:
-    a = meta.arch
-    if meta.get(f"{a}.expert_count", 0):
-        # Mixtral GGUFs say "llama" too; their experts need a different model.
-        raise meta.fail("mixture-of-experts GGUF files are not supported")
-    hidden = int(meta.require(f"{a}.embedding_length"))
-    n_head = int(meta.require(f"{a}.attention.head_count"))
-    n_kv = meta.get(f"{a}.attention.head_count_kv", n_head)
-    if not isinstance(n_kv, int):
-        raise meta.fail(f"per-layer head_count_kv {n_kv!r} is not supported")
-    head_dim = int(meta.get(f"{a}.attention.key_length", hidden // n_head))
-    if meta.get(f"{a}.attention.value_length", head_dim) != head_dim:
-        raise meta.fail("attention value_length != key_length is not supported")
-    # llama.cpp's llama graph rotates the whole head; a partial rotary dim means other math.
-    if meta.get(f"{a}.rope.dimension_count", head_dim) != head_dim:
-        raise meta.fail(f"rope.dimension_count != head_dim ({head_dim}) is not supported")
-    embed = meta.tensors.get("token_embd.weight")
-    if embed is None:
-        raise meta.fail("no token_embd.weight tensor")
-    theta = float(meta.get(f"{a}.rope.freq_base", 10000.0))
-    config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        # The embedding rows are what the weights need; the token list can be shorter.
-        "vocab_size": int(embed.shape[-1]),
-        "hidden_size": hidden,
-        "intermediate_size": int(meta.require(f"{a}.feed_forward_length")),
-        "num_hidden_layers": int(meta.require(f"{a}.block_count")),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": int(n_kv),
-        "head_dim": head_dim,
-        "rms_norm_eps": float(meta.require(f"{a}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": theta,
-        "rope_parameters": _llama_rope(meta, theta, head_dim),
-        "max_position_embeddings": int(meta.get(f"{a}.context_length", 2048)),
-        "tie_word_embeddings": "output.weight" not in meta.tensors,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-    }
-    for hf_key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
-        token_id = meta.get(f"tokenizer.ggml.{gguf_key}_token_id")
-        if token_id is not None:
-            config[f"{hf_key}_token_id"] = int(token_id)
-    return config
-
-
-_LLAMA_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
-
-_ARCHS: dict[str, _Arch] = {
-    "llama": _Arch(_llama_config, _LLAMA_TENSORS, _llama_fix, frozenset({"rope_freqs.weight"})),
-}
-
-
-def _arch(meta: _Meta) -> _Arch:
+def _arch(meta: Meta) -> Arch:
     spec = _ARCHS.get(meta.arch)
     if spec is None:
         raise ModelLoadError(
@@ -311,7 +93,7 @@ def _arch(meta: _Meta) -> _Arch:
     return spec
 
 
-def _hf_name(meta: _Meta, spec: _Arch, gguf_name: str, n_layers: int) -> str | None:
+def _hf_name(meta: Meta, spec: Arch, gguf_name: str, n_layers: int) -> str | None:
     """HF name of one GGUF tensor; None for tensors folded into the config."""
     if gguf_name in spec.consumed:
         return None
@@ -349,7 +131,7 @@ def read_gguf_config(path: str | Path) -> dict:
             architecture or variant.
     """
     p, reader = _open(path)
-    meta = _Meta(p, reader)
+    meta = Meta(p, reader)
     return _arch(meta).config(meta)
 
 
@@ -358,8 +140,9 @@ def iter_gguf_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
 
     Quantized tensors are dequantized with ``gguf.quants.dequantize`` as they are reached,
     so peak memory is one float32 tensor. Linear weights come out as [out_features,
-    in_features] (HF/torch layout); q/k projections are un-permuted back to HF's
-    rotate-half order; ``lm_head.weight`` appears only when the embeddings are untied.
+    in_features] (HF/torch layout), with the architecture's fix-ups applied (llama: q/k
+    rows un-permuted back to HF's rotate-half order; gemma3: norm weights ``1 + w`` -> ``w``);
+    ``lm_head.weight`` appears only when the embeddings are untied.
 
     Args:
         path: a ``.gguf`` file.
@@ -377,7 +160,7 @@ def iter_gguf_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
             fit the head counts.
     """
     p, reader = _open(path)
-    meta = _Meta(p, reader)
+    meta = Meta(p, reader)
     spec = _arch(meta)
     config = spec.config(meta)
     n_layers = config["num_hidden_layers"]
@@ -393,10 +176,10 @@ def iter_gguf_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
     return _stream(meta, spec, config, plan)
 
 
-def _stream(meta: _Meta, spec: _Arch, config: dict, plan: list) -> Iterator[tuple[str, np.ndarray]]:
+def _stream(meta: Meta, spec: Arch, config: dict, plan: list) -> Iterator[tuple[str, np.ndarray]]:
     p = meta.path
     for t, hf in plan:
-        w = _dequantize(p, t)  # owned memory: no view of the map survives
+        w = dequantize(p, t)  # owned memory: no view of the map survives
         meta.reader.evict(t)
         try:
             w = spec.fix(hf, w, config)
@@ -427,7 +210,8 @@ def load_gguf_tokenizer(path: str | Path) -> Any:
 
     Mirrors ``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` (same vocabulary, merges,
     pre-tokenizer, special tokens, ``add_bos_token`` and chat template) without importing
-    torch.
+    torch. A file without a chat template gets its architecture's default, if it has one
+    (Gemma 3); transformers leaves it without.
 
     Args:
         path: a ``.gguf`` file.
@@ -439,7 +223,7 @@ def load_gguf_tokenizer(path: str | Path) -> Any:
         ModelLoadError: the file is unreadable or has no tokenizer transformers can build.
     """
     p, reader = _open(path)
-    meta = _Meta(p, reader)
+    meta = Meta(p, reader)
     convert, mapping = _tokenizer_api()
     tok_dict: dict[str, Any] = {}
     tok_config: dict[str, Any] = {}
@@ -462,6 +246,10 @@ def load_gguf_tokenizer(path: str | Path) -> Any:
         if token_id is not None and not 0 <= token_id < len(tokens):
             raise meta.fail(f"{name} token id {token_id} is outside the {len(tokens)}-token vocab")
         tok_config[f"{name}_token"] = tokens[token_id] if token_id is not None else None
+    spec = _ARCHS.get(meta.arch)
+    if not tok_config.get("chat_template") and spec is not None and spec.chat_template:
+        # A base model's file may carry none; its family's template still fits its vocab.
+        tok_config["chat_template"] = spec.chat_template
     try:
         backend, extra = convert(meta.arch, tok_dict)
     except Exception as exc:  # ValueError for unknown tokenizer types, KeyError for gaps

@@ -1,0 +1,101 @@
+"""Shared pieces of the GGUF importer: typed metadata access, dequantization, arch specs.
+
+Each architecture module (:mod:`jaxtune.hf.gguf_llama`, :mod:`jaxtune.hf.gguf_gemma`)
+describes itself with an :class:`Arch`; :mod:`jaxtune.hf.gguf` runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxtune.errors import ModelLoadError
+from jaxtune.hf.gguf_reader import GGUFFile, GGUFFormatError, GGUFValueType, TensorInfo
+
+
+class Meta:
+    """Typed access to a file's metadata, with errors that name the file."""
+
+    def __init__(self, path: Path, reader: GGUFFile):
+        self.path = path
+        self.reader = reader
+        self.tensors = {t.name: t for t in reader.tensors}
+        self.arch = str(self.get("general.architecture", "")) or "<missing>"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            value = self.reader.get(key, default)
+        except GGUFFormatError as exc:  # a large array is decoded (and checked) only here
+            raise self.fail(f"corrupt metadata value {key!r} ({exc})") from None
+        # GGUF stores floats as float32: 1e-5 reads back as 9.999999747e-06. The shortest
+        # decimal that round-trips through float32 is the value the HF config had.
+        if self.reader.value_type(key) == GGUFValueType.FLOAT32:
+            value = float(str(np.float32(value)))
+        return value
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise ModelLoadError(
+                f"{self.path}: GGUF metadata has no {key!r} (needed to build the "
+                f"{self.arch!r} config)"
+            )
+        return value
+
+    def fail(self, what: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.path}: {what} (architecture {self.arch!r})")
+
+
+def dequantize(path: Path, t: TensorInfo) -> np.ndarray:
+    """One tensor as owned float32 memory in numpy (row-major, slowest axis first) order.
+
+    Args:
+        path: the file, for error messages.
+        t: the tensor; ``t.shape`` is ggml's fastest-first order, e.g. (in, out).
+
+    Returns:
+        float32 [*reversed(t.shape)], e.g. [out_features, in_features] for a linear weight.
+
+    Raises:
+        ModelLoadError: gguf cannot decode the tensor's type or its byte size is wrong.
+    """
+    import gguf
+
+    try:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+    except Exception as exc:  # NotImplementedError for exotic types, ValueError for bad sizes
+        raise ModelLoadError(
+            f"{path}: cannot dequantize tensor {t.name!r} of type {t.tensor_type.name} "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    # GGUF lists dims fastest-first (ggml's ne[0] is the row length); numpy wants the reverse.
+    shape = tuple(int(d) for d in reversed(t.shape))
+    w = np.asarray(w, dtype=np.float32).reshape(shape)
+    # F32 tensors come back as views of the read-only memory map; hand out owned memory.
+    return w if w.flags.writeable else w.copy()
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one ``general.architecture`` maps onto a Hugging Face model."""
+
+    config: Callable[[Meta], dict]  # metadata -> HF config dict
+    tensors: dict[str, str]  # GGUF name ("blk.{i}." for layers) -> HF name
+    fix: Callable[[str, np.ndarray, dict], np.ndarray]  # (HF name, array, config) -> array
+    consumed: frozenset[str] = frozenset()  # GGUF tensors folded into the config instead
+    # The tokenizer's chat template when the file has none (e.g. a base model's GGUF).
+    chat_template: str | None = None
+
+
+def token_ids(meta: Meta) -> dict:
+    """``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` config entries the file sets."""
+    out = {}
+    for hf_key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        token_id = meta.get(f"tokenizer.ggml.{gguf_key}_token_id")
+        if token_id is not None:
+            out[f"{hf_key}_token_id"] = int(token_id)
+    return out

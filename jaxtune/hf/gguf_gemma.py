@@ -1,0 +1,163 @@
+"""GGUF -> Hugging Face for llama.cpp's ``gemma3`` architecture (Gemma 3 text models).
+
+What differs from the ``llama`` mapping, each checked against transformers' own GGUF
+loader (``modeling_gguf_pytorch_utils.Gemma2TensorProcessor``) on the real 270M file:
+
+* llama.cpp's converter stores every RMSNorm weight as ``1 + w`` (its norm multiplies by
+  the weight as is); HF Gemma keeps ``w`` and computes ``(1 + w)`` in the forward, so 1
+  is subtracted here.
+* q/k rows are *not* permuted: llama.cpp runs Gemma with NEOX-style (rotate-half) RoPE.
+* Facts llama.cpp hard-codes rather than writes are restored with its values: local
+  (sliding-window) layers use RoPE base 10000, every 6th layer is global, and the score
+  scale is ``1/sqrt(head_dim)`` except for the 62-layer 27B model (``hidden / heads``).
+* A file without ``tokenizer.chat_template`` (the base 270M GGUF has none) gets Gemma 3's
+  text-only chat template, and ``<end_of_turn>`` joins ``<eos>`` as an end token, as in
+  Google's ``generation_config.json``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxtune.hf.gguf_arch import Arch, Meta, token_ids
+
+LOCAL_ROPE_THETA = 10_000.0  # llama.cpp: rope_freq_base_train_swa for gemma3
+SLIDING_WINDOW_PATTERN = 6  # llama.cpp: set_swa_pattern(6); every 6th layer is global
+END_OF_TURN = "<end_of_turn>"
+
+# Gemma 3's chat template (Google's tokenizer_config.json) without its image branch: a
+# system message is folded into the first user turn; "assistant" is spelled "model".
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<start_of_turn>model\n' }}"
+    "{%- endif -%}"
+)
+
+
+def _rope(meta: Meta, theta: float) -> dict:
+    a = meta.arch
+    kind = meta.get(f"{a}.rope.scaling.type", "none")
+    if kind == "linear":  # Gemma 3 4B and larger: factor 8 on the global layers
+        return {
+            "rope_type": "linear",
+            "rope_theta": theta,
+            "factor": float(meta.require(f"{a}.rope.scaling.factor")),
+        }
+    if kind != "none":
+        raise meta.fail(f"rope scaling {kind!r} is not supported (supported: linear)")
+    return {"rope_type": "default", "rope_theta": theta}
+
+
+def _layer_types(meta: Meta, n_layers: int) -> list[str]:
+    # Newer llama.cpp files may spell the pattern out: an int period or one bool per layer.
+    pattern = meta.get(f"{meta.arch}.attention.sliding_window_pattern", SLIDING_WINDOW_PATTERN)
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers:
+            raise meta.fail(f"sliding_window_pattern lists {len(pattern)} layers, not {n_layers}")
+        sliding = [bool(p) for p in pattern]
+    elif isinstance(pattern, int) and pattern > 0:
+        sliding = [(i + 1) % pattern != 0 for i in range(n_layers)]
+    else:
+        raise meta.fail(f"sliding_window_pattern {pattern!r} is not a positive int or bool list")
+    return ["sliding_attention" if s else "full_attention" for s in sliding]
+
+
+def _end_of_turn_id(meta: Meta) -> int | None:
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    return tokens.index(END_OF_TURN) if END_OF_TURN in tokens else None
+
+
+def _gemma3_config(meta: Meta) -> dict:
+    a = meta.arch
+    hidden = int(meta.require(f"{a}.embedding_length"))
+    n_head = int(meta.require(f"{a}.attention.head_count"))
+    n_kv = meta.get(f"{a}.attention.head_count_kv", n_head)
+    if not isinstance(n_kv, int):
+        raise meta.fail(f"per-layer head_count_kv {n_kv!r} is not supported")
+    head_dim = int(meta.get(f"{a}.attention.key_length", hidden // n_head))
+    if meta.get(f"{a}.attention.value_length", head_dim) != head_dim:
+        raise meta.fail("attention value_length != key_length is not supported")
+    if meta.get(f"{a}.rope.dimension_count", head_dim) != head_dim:
+        raise meta.fail(f"rope.dimension_count != head_dim ({head_dim}) is not supported")
+    embed = meta.tensors.get("token_embd.weight")
+    if embed is None:
+        raise meta.fail("no token_embd.weight tensor")
+    n_layers = int(meta.require(f"{a}.block_count"))
+    theta = float(meta.get(f"{a}.rope.freq_base", 1_000_000.0))
+    config = {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "vocab_size": int(embed.shape[-1]),
+        "hidden_size": hidden,
+        "intermediate_size": int(meta.require(f"{a}.feed_forward_length")),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(n_kv),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_parameters": {
+            "full_attention": _rope(meta, theta),
+            "sliding_attention": {"rope_type": "default", "rope_theta": LOCAL_ROPE_THETA},
+        },
+        "sliding_window": int(meta.require(f"{a}.attention.sliding_window")),
+        "layer_types": _layer_types(meta, n_layers),
+        # llama.cpp's f_attention_scale for gemma3 (the 27B model is the 62-layer one).
+        "query_pre_attn_scalar": hidden // n_head if n_layers == 62 else head_dim,
+        "attn_logit_softcapping": meta.get(f"{a}.attn_logit_softcapping"),
+        "final_logit_softcapping": meta.get(f"{a}.final_logit_softcapping"),
+        "max_position_embeddings": int(meta.get(f"{a}.context_length", 32768)),
+        "tie_word_embeddings": "output.weight" not in meta.tensors,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+    }
+    config.update(token_ids(meta))
+    eot = _end_of_turn_id(meta)
+    if eot is not None and config.get("eos_token_id") not in (None, eot):
+        config["eos_token_id"] = [config["eos_token_id"], eot]
+    return config
+
+
+def _gemma_fix(name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    # Every Gemma norm (input/post/pre-FFN/post-FFN, q/k, final) is stored as 1 + w.
+    return w - 1.0 if name.endswith("norm.weight") else w
+
+
+_GEMMA3_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+ARCHS = {
+    "gemma3": Arch(_gemma3_config, _GEMMA3_TENSORS, _gemma_fix, chat_template=CHAT_TEMPLATE),
+}
