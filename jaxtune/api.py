@@ -56,6 +56,7 @@ def from_pretrained(
     *,
     scan_layers: bool | None = None,
     sharding=None,
+    quantize: str | None = None,
     **config_overrides,
 ) -> nnx.Module:
     """Loads a model.
@@ -65,6 +66,9 @@ def from_pretrained(
       dtype: parameter dtype (``"float32"``, ``"bfloat16"``...).
       scan_layers: stack layers and scan over them (default True).
       sharding: optional ``(path, abstract variable) -> Sharding`` for sharded loading.
+      quantize: ``"int8"`` / ``"nf4"`` stores the linear layers' kernels inside the
+        layer stack quantized and frozen (QLoRA; ``jaxtune.quant``), quantized tensor
+        by tensor while loading HF / GGUF weights; None keeps them dense.
       **config_overrides: execution options of the model config (``remat=...``).
 
     Returns:
@@ -74,11 +78,14 @@ def from_pretrained(
       ``model.source`` remembers where it came from (tokenizer lookup).
     """
     from jaxtune.hf import io as hf_io
+    from jaxtune.quant import check_format, quantize_model
     from jaxtune.resources import resolve_path
 
     path = resolve_path(path)
     kind = model_kind(path)
     dtype = resolve_dtype(dtype)
+    if quantize is not None:
+        check_format(quantize)
     opts = dict(config_overrides)
     if scan_layers is not None:
         opts["scan_layers"] = scan_layers
@@ -86,14 +93,19 @@ def from_pretrained(
         from jaxtune.classify import is_classifier_dir, load_classifier
 
         if is_classifier_dir(path):  # *ForSequenceClassification: backbone + head
-            model = load_classifier(path, dtype, scan_layers=scan_layers)
+            model = quantize_model(load_classifier(path, dtype, scan_layers=scan_layers), quantize)
             model.source = str(path)
             return model
         _, cfg = hf_io.read_hf_config(path)
         cfg = cfg.replace(**opts)
         files = hf_io.safetensors_files(path)
         model = hf_io.load_params(
-            cfg, hf_io.iter_safetensors(files), dtype=dtype, sharding=sharding, source=str(path)
+            cfg,
+            hf_io.iter_safetensors(files),
+            dtype=dtype,
+            sharding=sharding,
+            source=str(path),
+            quantize=quantize,
         )
     elif kind == "gguf":
         from jaxtune.hf import gguf
@@ -104,14 +116,20 @@ def from_pretrained(
         fam = family_for_model_type(fam_cfg.get("model_type"))
         cfg = fam.hf_module().config_from_hf(fam_cfg, str(path)).replace(**opts)
         tensors = ((n, a, str(path)) for n, a in gguf.iter_gguf_tensors(path))
-        model = hf_io.load_params(cfg, tensors, dtype=dtype, sharding=sharding, source=str(path))
+        model = hf_io.load_params(
+            cfg, tensors, dtype=dtype, sharding=sharding, source=str(path), quantize=quantize
+        )
         gguf.release_readers()
     elif kind == "jaxtune":
-        model = load_checkpoint(path, dtype=dtype, sharding=sharding, **opts)
+        # Orbax restores whole arrays: quantize after loading (one kernel at a time).
+        model = quantize_model(
+            load_checkpoint(path, dtype=dtype, sharding=sharding, **opts), quantize
+        )
     else:
         from jaxtune.checkpoint import load_run_model
 
-        return load_run_model(path, dtype=dtype, **opts)
+        # The run's adapters stay unmerged on top of the quantized base.
+        return quantize_model(load_run_model(path, dtype=dtype, **opts), quantize)
     model.source = str(path)
     return model
 
@@ -156,11 +174,16 @@ def save_pretrained(
 
     The tokenizer is copied from ``model.source`` when not given. A
     ``SequenceClassifier`` becomes a verified ``*ForSequenceClassification`` dir
-    (``jaxtune.classify.export_classifier``; weights keep their dtype).
+    (``jaxtune.classify.export_classifier``; weights keep their dtype). Quantized
+    kernels are dequantized first, then LoRA is merged into them (as PEFT merges into
+    bitsandbytes models): the files hold dense weights.
     """
     from jaxtune.hf.io import save_hf
     from jaxtune.models.heads import SequenceClassifier
     from jaxtune.peft import merged_copy
+    from jaxtune.quant import dequantize_model
+
+    model = dequantize_model(model)
 
     if isinstance(model, SequenceClassifier):
         from jaxtune.classify import export_classifier
@@ -185,11 +208,18 @@ def flat_params(model: nnx.Module, variable_type=nnx.Param) -> dict[str, jax.Arr
 
 
 def save_checkpoint(model: nnx.Module, out_dir: str | os.PathLike, *, tokenizer=None) -> Path:
-    """Writes ``jaxtune.json`` + Orbax params (+ tokenizer files), atomically."""
+    """Writes ``jaxtune.json`` + Orbax params (+ tokenizer files), atomically.
+
+    Quantized kernels are saved dequantized (the values the model computes with);
+    ``from_pretrained(..., quantize=...)`` quantizes them again.
+    """
     import orbax.checkpoint as ocp
 
     from jaxtune.hf.io import atomic_dir
     from jaxtune.models import config_to_dict
+    from jaxtune.quant import dequantize_model
+
+    model = dequantize_model(model)
 
     out_dir = Path(out_dir).absolute()
     with atomic_dir(out_dir) as tmp:

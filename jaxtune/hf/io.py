@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune import quant
 from jaxtune.errors import ConfigError, ModelLoadError
 from jaxtune.hf import safetensors_io as st
 from jaxtune.hf.keymap import keymap_for, path_str
@@ -120,6 +121,7 @@ def load_params(
     dtype=jnp.float32,
     sharding: ShardingFn | None = None,
     source: str = "",
+    quantize: str | None = None,
 ) -> nnx.Module:
     """Streams HF-named tensors into a model of architecture ``cfg``.
 
@@ -129,6 +131,10 @@ def load_params(
       dtype: parameter dtype.
       sharding: ``(path, abstract variable) -> Sharding``; default: first device.
       source: for error messages.
+      quantize: ``int8`` / ``nf4``: the kernels of the linear layers inside ``layers``
+        are quantized on the host as each tensor (one layer slice) arrives, so only
+        the quantized codes and scales are ever stacked or sent to the device
+        (``jaxtune.quant``).
 
     Returns:
       The model with every parameter loaded. Missing, unexpected or mis-shaped tensors
@@ -141,7 +147,11 @@ def load_params(
     # task-head tensors (None) that are not part of the base model.
     canonical = getattr(hf, "canonical_name", None)
     sharding = sharding or default_sharding
-    abstract = abstract_model(cfg, dtype)
+    abstract = (
+        abstract_model(cfg, dtype)
+        if quantize is None
+        else quant.abstract_quantized_model(cfg, dtype, quantize)
+    )
     _, state = nnx.split(abstract)
     expected = dict(nnx.to_flat_state(state))
     scanned = cfg.scan_layers
@@ -156,6 +166,22 @@ def load_params(
         done[path] = jax.make_array_from_callback(
             buf.shape, sharding(path, var), lambda idx: buf[idx]
         )
+
+    def put(path, idx, value):
+        """Stores one tensor (or one layer slice ``idx`` of a stacked one)."""
+        var = expected[path]
+        np_dtype = np.dtype(jnp.dtype(var.dtype))
+        if idx is None:
+            buffers[path] = value.astype(np_dtype)
+            finish(path)
+            return
+        if path not in buffers:
+            buffers[path] = np.empty(var.shape, np_dtype)
+            filled[path] = set()
+        buffers[path][idx] = value
+        filled[path].add(idx)
+        if len(filled[path]) == n_layers:
+            finish(path)
 
     for name, arr, fname in tensors:
         if canonical is not None and (name := canonical(name)) is None:
@@ -175,6 +201,17 @@ def load_params(
                 f"{fname}: tensor {name!r} is for layer {layer}, but config has {n_layers} layers"
             )
         path, idx = rule.ours_path(layer, scanned)
+        qpaths = ((*path, "codes"), (*path, "scales"))
+        if path not in expected and qpaths[0] in expected:
+            codes = expected[qpaths[0]]
+            want = quant.logical_shape(
+                codes.shape[1:] if idx is not None else codes.shape, quantize
+            )
+            value = rule.to_ours(np.asarray(arr))
+            _check_shape(fname, name, arr, value, want, rule)
+            for qpath, q in zip(qpaths, quant.quantize(value, quantize), strict=True):
+                put(qpath, idx, q)
+            continue
         if path not in expected:
             raise ModelLoadError(
                 f"{fname}: tensor {name!r} is not used by this config ({path_str(path)})"
@@ -182,34 +219,22 @@ def load_params(
         var = expected[path]
         want = tuple(var.shape[1:] if idx is not None else var.shape)
         value = rule.to_ours(np.asarray(arr))
-        if tuple(value.shape) != want:
-            hf_want = tuple(rule.to_hf(np.empty(want, np.int8)).shape)
-            raise ModelLoadError(
-                f"{fname}: tensor {name!r} has shape {tuple(arr.shape)}, expected {hf_want} for this config"
-            )
-        np_dtype = np.dtype(jnp.dtype(var.dtype))
-        if idx is None:
-            buffers[path] = value.astype(np_dtype)
-            finish(path)
-            continue
-        if path not in buffers:
-            buffers[path] = np.empty(var.shape, np_dtype)
-            filled[path] = set()
-        buffers[path][idx] = value
-        filled[path].add(idx)
-        if len(filled[path]) == n_layers:
-            finish(path)
+        _check_shape(fname, name, arr, value, want, rule)
+        put(path, idx, value)
 
     missing = [p for p in expected if p not in done]
     if missing:
         names = []
-        for p in missing[:3]:
+        for key in missing[:3]:
+            # A quantized kernel's codes/scales: name the HF weight they come from.
+            quantized = key[-1] in ("codes", "scales") and key[:-1] not in expected
+            p = key[:-1] if quantized else key
             for rule in keymap.rules:
                 if any(
                     rule.ours_path(i, scanned)[0] == p
                     for i in ([0] if scanned else range(n_layers))
                 ):
-                    got = filled.get(p, set())
+                    got = filled.get(key, set())
                     layer = min(set(range(n_layers)) - got) if rule.layered else None
                     names.append(rule.hf.format(i=layer) if rule.layered else rule.hf)
                     break
@@ -219,6 +244,14 @@ def load_params(
             f"{source}: missing tensor(s) {names} (and {max(0, len(missing) - 3)} more)"
         )
     return fill_model(abstract, done)
+
+
+def _check_shape(fname, name, arr, value, want, rule) -> None:
+    if tuple(value.shape) != tuple(want):
+        hf_want = tuple(rule.to_hf(np.empty(want, np.int8)).shape)
+        raise ModelLoadError(
+            f"{fname}: tensor {name!r} has shape {tuple(arr.shape)}, expected {hf_want} for this config"
+        )
 
 
 # ------------------------------------------------------------------------- writing

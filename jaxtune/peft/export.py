@@ -14,6 +14,11 @@ PEFT stores torch layouts: lora_A [R, in], lora_B [out, R], lora_magnitude_vecto
 for ``nn.Linear`` (key rule transform ``T``) and GPT-2's ``Conv1D`` (transform ``id``:
 its weight is [in, out]; PEFT marks those adapters ``fan_in_fan_out``) alike.
 
+Quantized base weights (``jaxtune.quant``): the merged export dequantizes the kernels,
+then folds LoRA into them (what PEFT does for bitsandbytes models), so the files hold
+dense weights in the model's dtype; the adapter export is verified against the base
+quantized the same way.
+
 Verification reloads what was written (merged: ``jaxtune.from_pretrained``; adapter:
 base + :func:`load_peft_adapter`) and compares logits on a fixed probe batch while the
 files are still in the temporary directory: a mismatch raises and nothing is left at
@@ -38,6 +43,7 @@ from jaxtune.hf.io import atomic_dir
 from jaxtune.hf.keymap import keymap_for
 from jaxtune.peft.adapters import has_adapters
 from jaxtune.peft.lora import add_lora, linears, lora_linears, lora_spec, path_str
+from jaxtune.quant import quant_format
 
 PREFIX = "base_model.model."
 SUFFIXES = {
@@ -327,7 +333,8 @@ def export_merged(model: nnx.Module, out, tokenizer=None, *, dtype=None, tol=Non
     """Writes the merged HF dir at ``out`` and verifies it; returns the max logit diff.
 
     Args:
-      model: jaxtune model, with or without LoRA/DoRA (bottleneck adapters: ConfigError).
+      model: jaxtune model, with or without LoRA/DoRA (bottleneck adapters: ConfigError);
+        quantized kernels are dequantized before the merge.
       out: target directory (written atomically; removed again if verification fails).
       tokenizer: saved beside the weights (default: from ``model.source``).
       dtype: file dtype (default: the parameters' dtype).
@@ -359,7 +366,10 @@ def export_adapter(model: nnx.Module, out, base_path, *, tol=None) -> float:
     with _atomic_out(out) as tmp:
         _write_adapter(model, tmp, base_path)
         base = jaxtune.from_pretrained(
-            base_path, dtype=_param_dtype(model), scan_layers=model.config.scan_layers
+            base_path,
+            dtype=_param_dtype(model),
+            scan_layers=model.config.scan_layers,
+            quantize=quant_format(model),
         )
         load_peft_adapter(base, tmp)
         hint = " (were base parameters trained via peft.unfreeze? export --merged then)"

@@ -16,6 +16,9 @@ feature    the classification head only: parameters under a module named
            here; the head module is built by the classification model)
 =========  ==============================================================
 
+Quantized base kernels (``jaxtune.quant.QuantWeight``) are not ``nnx.Param`` and are
+never trainable; ``full`` on a quantized model is a ConfigError.
+
 plus ``peft.unfreeze`` (named groups ``norms``, ``biases``, ``lm_head`` (the embedding
 when tied), ``embeddings``, or regexes searched in the ``/``-joined parameter path) and
 ``peft.unfreeze_top_layers`` N (needs unscanned layers: a stacked parameter cannot be
@@ -34,6 +37,7 @@ from flax import nnx
 from jaxtune.errors import ConfigError
 from jaxtune.peft.adapters import AdapterParam, add_adapters
 from jaxtune.peft.lora import add_lora, check_hparams, normalize_targets, path_str
+from jaxtune.quant import quant_format, quantize_model, quantized_stats
 
 METHODS = ("full", "lora", "dora", "adapter", "feature")
 HEAD_NAMES = {"head", "classifier", "score"}
@@ -105,6 +109,11 @@ def trainable_filter(model: nnx.Module, peft_cfg) -> TrainableFilter:
         scanned model; or nothing trainable at all.
     """
     method = peft_cfg.method
+    if method == "full" and quant_format(model) is not None:
+        raise ConfigError(
+            f"peft.method full: the base weights are quantized ({quant_format(model)}) and "
+            "frozen; use lora, dora, adapter or feature (or model.quantize=null)"
+        )
     parts: list[tuple[str, Filter]] = [(method, _method_filter(method))]
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     base = [(tuple(p), v) for p, v in flat if _is_base(v)]
@@ -194,14 +203,20 @@ def apply_peft(model: nnx.Module, peft_cfg, rngs: nnx.Rngs | None = None) -> nnx
     return model
 
 
-def abstract_peft_model(cfg, peft_cfg, dtype=jnp.float32) -> nnx.Module:
-    """Model + PEFT variables with ``ShapeDtypeStruct`` leaves (no memory): a restore target."""
+def abstract_peft_model(cfg, peft_cfg, dtype=jnp.float32, quantize=None) -> nnx.Module:
+    """Model + PEFT variables with ``ShapeDtypeStruct`` leaves (no memory): a restore target.
+
+    ``quantize`` (``int8`` / ``nf4``) gives the quantized base kernels' shapes and dtypes.
+    """
     from jaxtune.models import family_of_config
 
     cls = family_of_config(cfg).model_class()
-    return nnx.eval_shape(
-        lambda: apply_peft(cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)), peft_cfg, nnx.Rngs(1))
-    )
+
+    def build():
+        model = quantize_model(cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)), quantize)
+        return apply_peft(model, peft_cfg, nnx.Rngs(1))
+
+    return nnx.eval_shape(build)
 
 
 def _nbytes(x) -> int:
@@ -214,7 +229,7 @@ def summary(model: nnx.Module, filt) -> dict:
     Returns:
       ``{"trainable", "total", "percent", "trainable_bytes", "by_type", "text"}``;
       ``by_type`` counts trainable parameters per Variable type, ``text`` is one line
-      for the console.
+      for the console. ``total`` counts a quantized kernel as its [in, out] weights.
     """
     total = jax.tree.leaves(nnx.state(model, nnx.Param))
     flat = nnx.to_flat_state(nnx.state(model, filt))
@@ -222,7 +237,7 @@ def summary(model: nnx.Module, filt) -> dict:
     for _, v in flat:
         by_type[type(v).__name__] = by_type.get(type(v).__name__, 0) + int(v.size)
     n_train = sum(by_type.values())
-    n_total = int(sum(x.size for x in total))
+    n_total = int(sum(x.size for x in total)) + quantized_stats(model)["params"]
     pct = 100.0 * n_train / max(n_total, 1)
     return {
         "trainable": n_train,

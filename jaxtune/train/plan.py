@@ -279,7 +279,9 @@ def plan(
     data, fsdp, tensor = validate_against_devices(cfg, len(devices), processes)
     mesh = make_mesh(data, fsdp, tensor, devices)
     model_cfg = model_config(cfg, preset)
-    model = abstract_peft_model(model_cfg, cfg.peft, jnp.dtype(cfg.model.dtype))
+    model = abstract_peft_model(
+        model_cfg, cfg.peft, jnp.dtype(cfg.model.dtype), quantize=cfg.model.quantize
+    )
     if cfg.model.compute_dtype:
         model.compute_dtype = jnp.dtype(cfg.model.compute_dtype)
     filt = trainable_filter(model, cfg.peft)
@@ -324,6 +326,14 @@ def plan(
     )
     if peak:
         out.step_time_at_peak = out.model_flops / peak
+    if cfg.model.quantize:
+        from jaxtune.quant import quantized_stats
+
+        q = quantized_stats(model)
+        out.notes.append(
+            f"base kernels stored as {cfg.model.quantize}: {q['params']:,} weights in "
+            f"{_gib(q['bytes'])} (all devices together)"
+        )
     if chip_for(devices[0].device_kind) is None and hbm_bytes is None:
         out.notes.append(f"no memory size known for {devices[0].device_kind!r}; pass --hbm-gib")
     return out

@@ -1,0 +1,357 @@
+"""QLoRA-style quantized storage of frozen base weights: ``int8`` and ``nf4``.
+
+What is quantized: the kernels of every :class:`~jaxtune.models.layers.Linear` inside the
+decoder/encoder stack (module path contains ``layers``: attention and MLP projections).
+Embeddings, norms, biases, the LM head and classification heads stay in ``model.dtype``,
+as in QLoRA. Quantized weights are frozen, so quantization needs a PEFT method
+(``lora``, ``dora``, ``adapter``, ``feature``); ``full`` is rejected by the config.
+
+Storage format (a kernel ``W`` [*lead, in, out], ``lead`` = () or (L,) when stacked):
+
+* Blocks of ``B`` consecutive values along the *input* dim of each output column (the
+  same grouping as bitsandbytes, which blocks torch's row-major [out, in] weight).
+  ``B = gcd(in, 64)``: 64 for every real model (the QLoRA block size); small dims get
+  smaller blocks instead of padding. One float32 absmax scale per block:
+  ``scales`` [*lead, in / B, out].
+* ``nf4``: each value is the index of the nearest of the 16 NormalFloat4 levels
+  (:data:`NF4_CODEBOOK`, the QLoRA paper's / bitsandbytes' table) after dividing by the
+  block's absmax. Two 4-bit indices per byte along the input dim, the even row in the
+  high nibble like bitsandbytes: ``codes`` uint8 [*lead, in / 2, out]. 4.5 bits per
+  weight (no double quantization of the scales).
+* ``int8``: symmetric absmax, ``code = round(127 * w / absmax)`` in [-127, 127];
+  ``codes`` int8 [*lead, in, out], ``scales`` hold ``absmax / 127``. 8.5 bits per weight.
+
+Both arrays are :class:`QuantWeight` variables (not ``nnx.Param``: the trainable filter
+only ever selects ``nnx.Param`` subclasses, so they are frozen by type) held by a
+:class:`QuantizedKernel` module that takes the place of ``Linear.kernel``; their paths
+are ``.../q_proj/kernel/codes`` and ``.../q_proj/kernel/scales``. Both keep the
+kernel's logical axes ``(*lead_axes, in_axis, out_axis)``: the packed / blocked input
+dim is still named by the kernel's input axis (``embed`` -> ``fsdp``), so FSDP splits
+codes and scales along the same dim. A dim that does not divide by its mesh axis is
+replicated (``jaxtune.sharding.spec_for``); shards line up with the blocks when
+``in / fsdp`` is a multiple of ``B`` (4096 / 8 = 512 for Llama 8B on 8 devices).
+
+Dequantization happens on the fly in ``Linear.__call__`` through :func:`qmatmul`, a
+``custom_vjp`` whose backward pass dequantizes again instead of keeping the dequantized
+kernel as a residual: with or without remat, a layer's full-precision kernel exists
+only as a temporary while that layer runs (forward or backward), so scanned layers
+never hold a bf16 copy of the whole stack. Quantization itself runs on the host in
+numpy, one tensor (one layer slice) at a time, while weights are loaded
+(``jaxtune.hf.io.load_params(quantize=...)``), so the float model never exists on the
+device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtune.errors import ConfigError
+
+FORMATS = ("int8", "nf4")
+MAX_BLOCK = 64
+# NormalFloat4 levels (Dettmers et al. 2023, QLoRA; bitsandbytes ``get_4bit_type("nf4")``):
+# quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero.
+NF4_CODEBOOK = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=np.float32,
+)
+# Nearest level = number of midpoints below the value (searchsorted: O(n log 16)).
+_NF4_MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
+
+
+class QuantWeight(nnx.Variable):
+    """Quantized storage (codes or scales) of a frozen kernel; never trainable."""
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"model.quantize: {fmt!r} is not one of {list(FORMATS)} (or null)")
+    return fmt
+
+
+def block_size(d_in: int) -> int:
+    """Values per scale along the input dim: ``gcd(d_in, 64)`` (64 for real models)."""
+    return math.gcd(int(d_in), MAX_BLOCK)
+
+
+def _pack(fmt: str) -> int:
+    return 2 if fmt == "nf4" else 1
+
+
+def quantized_shapes(shape, fmt: str) -> tuple[tuple, np.dtype, tuple, np.dtype]:
+    """``(codes shape, codes dtype, scales shape, scales dtype)`` for a kernel ``shape``."""
+    *lead, d_in, d_out = shape
+    if fmt == "nf4" and d_in % 2:
+        raise ConfigError(f"model.quantize=nf4: input dim {d_in} is odd (two codes per byte)")
+    codes = (*lead, d_in // _pack(fmt), d_out)
+    scales = (*lead, d_in // block_size(d_in), d_out)
+    return codes, np.dtype(np.uint8 if fmt == "nf4" else np.int8), scales, np.dtype(np.float32)
+
+
+def logical_shape(codes_shape, fmt: str) -> tuple[int, ...]:
+    """Kernel shape [*lead, in, out] that ``codes`` of ``codes_shape`` stand for."""
+    *lead, rows, d_out = codes_shape
+    return (*lead, rows * _pack(fmt), d_out)
+
+
+def quantize(w, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Host (numpy) quantization of a kernel.
+
+    Args:
+      w: float array [*lead, in, out] (numpy, or anything ``np.asarray`` takes).
+      fmt: ``int8`` or ``nf4``.
+
+    Returns:
+      ``(codes, scales)``: nf4 uint8 [*lead, in/2, out] (two 4-bit indices per byte)
+      or int8 [*lead, in, out]; float32 scales [*lead, in/B, out], B = block_size(in).
+    """
+    check_format(fmt)
+    w = np.asarray(w, dtype=np.float32)
+    *lead, d_in, d_out = w.shape
+    codes_shape, codes_dtype, scales_shape, _ = quantized_shapes(w.shape, fmt)
+    b = block_size(d_in)
+    blocks = w.reshape(*lead, d_in // b, b, d_out)
+    absmax = np.abs(blocks).max(axis=-2)  # [*lead, in/B, out]
+    # An all-zero block keeps scale 0 (dequantizes to zeros); divide by 1 instead.
+    safe = np.where(absmax > 0, absmax, 1.0)[..., None, :]
+    if fmt == "int8":
+        q = np.clip(np.rint(blocks / safe * 127.0), -127, 127).astype(np.int8)
+        return q.reshape(codes_shape), (absmax / 127.0).astype(np.float32)
+    idx = np.searchsorted(_NF4_MIDPOINTS, blocks / safe).astype(np.uint8)
+    idx = idx.reshape(*lead, d_in // 2, 2, d_out)
+    codes = (idx[..., 0, :] << 4) | idx[..., 1, :]
+    assert codes.shape == codes_shape and codes.dtype == codes_dtype
+    return codes, absmax.astype(np.float32)
+
+
+def dequantize(codes: jax.Array, scales: jax.Array, fmt: str, dtype=jnp.float32) -> jax.Array:
+    """Inverse of :func:`quantize` (jit-able; what the forward pass runs).
+
+    Args:
+      codes: nf4 uint8 [*lead, in/2, out] or int8 [*lead, in, out].
+      scales: float32 [*lead, in/B, out].
+      fmt: ``int8`` or ``nf4``.
+      dtype: result dtype; the arithmetic is float32, cast once at the end.
+
+    Returns:
+      The kernel [*lead, in, out] in ``dtype``.
+    """
+    codes = jnp.asarray(codes)
+    *lead, rows, d_out = codes.shape
+    if fmt == "nf4":
+        hi = (codes >> 4).astype(jnp.int32)
+        lo = (codes & 0xF).astype(jnp.int32)
+        idx = jnp.stack([hi, lo], axis=-2).reshape(*lead, rows * 2, d_out)
+        values = jnp.take(jnp.asarray(NF4_CODEBOOK), idx)
+    else:
+        values = codes.astype(jnp.float32)
+    d_in = values.shape[-2]
+    nb = scales.shape[-2]
+    blocks = values.reshape(*lead, nb, d_in // nb, d_out)
+    w = blocks * scales.astype(jnp.float32)[..., :, None, :]
+    return w.reshape(*lead, d_in, d_out).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def qmatmul(x: jax.Array, codes: jax.Array, scales: jax.Array, fmt: str) -> jax.Array:
+    """``x @ dequantize(codes, scales)``: x [..., in] -> [..., out] in x's dtype.
+
+    The kernel is frozen: the backward pass gives the gradient for ``x`` only and
+    dequantizes the kernel again rather than saving it (memory: one layer's kernel,
+    only while it is used).
+    """
+    return x @ dequantize(codes, scales, fmt, x.dtype)
+
+
+def _qmatmul_fwd(x, codes, scales, fmt):
+    return qmatmul(x, codes, scales, fmt), (codes, scales)
+
+
+def _qmatmul_bwd(fmt, res, g):
+    codes, scales = res
+    w = dequantize(codes, scales, fmt, g.dtype)  # [in, out]
+    return jnp.einsum("...o,io->...i", g, w), None, None
+
+
+qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+class QuantizedKernel(nnx.Module):
+    """A quantized frozen kernel in the place of ``Linear.kernel`` (an ``nnx.Param``).
+
+    Holds ``codes`` and ``scales`` (:class:`QuantWeight`, shapes in :func:`quantize`)
+    and mimics the parts of a Param that PEFT code reads: ``shape`` / ``ndim`` /
+    ``size`` (of the dequantized kernel [*lead, in, out]), ``dtype`` (the model's
+    parameter dtype, used when dequantizing outside a forward pass), ``kernel[...]``
+    (the dequantized kernel) and ``get_metadata()["axes"]``. Inside a scan over stacked
+    layers it holds one layer's slice, and ``shape`` follows the arrays.
+    """
+
+    def __init__(self, codes, scales, *, fmt: str, axes, dtype):
+        self.codes = QuantWeight(codes, axes=tuple(axes))
+        self.scales = QuantWeight(scales, axes=tuple(axes))
+        self.fmt = check_format(fmt)
+        self.axes = tuple(axes)
+        self.dtype = jnp.dtype(dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return logical_shape(self.codes.shape, self.fmt)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored (codes + scales)."""
+        return sum(int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize for v in self._vars())
+
+    def _vars(self):
+        return (self.codes, self.scales)
+
+    def get_metadata(self) -> dict:
+        return {"axes": self.axes}
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """The kernel [*lead, in, out] in ``dtype`` (default: the model's dtype)."""
+        return dequantize(self.codes[...], self.scales[...], self.fmt, dtype or self.dtype)
+
+    def __getitem__(self, index):
+        return self.dequantize()[index]
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> [..., out] in x's dtype (see :func:`qmatmul`)."""
+        return qmatmul(x, self.codes[...], self.scales[...], self.fmt)
+
+    def set_value(self, value):
+        raise ConfigError(
+            "this kernel is quantized; dequantize the model first "
+            "(jaxtune.quant.dequantize_model) to change or merge its weights"
+        )
+
+    @classmethod
+    def from_param(cls, var: nnx.Variable, fmt: str) -> QuantizedKernel:
+        """Quantizes a kernel Param [*lead, in, out] (host numpy, one layer at a time).
+
+        Under ``nnx.eval_shape`` (abstract models) only the shapes are produced.
+        """
+        axes = tuple(var.get_metadata().get("axes") or (None,) * var.ndim)
+        codes_shape, codes_dtype, scales_shape, scales_dtype = quantized_shapes(var.shape, fmt)
+        value = var[...]
+        if isinstance(value, jax.core.Tracer):
+            codes = jnp.zeros(codes_shape, codes_dtype)
+            scales = jnp.zeros(scales_shape, scales_dtype)
+        else:
+            codes = np.empty(codes_shape, codes_dtype)
+            scales = np.empty(scales_shape, scales_dtype)
+            lead = var.shape[:-2]
+            for i in np.ndindex(*lead):  # one [in, out] slice on the host at a time
+                codes[i], scales[i] = quantize(jax.device_get(value[i]), fmt)
+            codes, scales = jnp.asarray(codes), jnp.asarray(scales)
+        return cls(codes, scales, fmt=fmt, axes=axes, dtype=var.dtype)
+
+
+# ----------------------------------------------------------------------- models
+
+
+def targets(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+    """The ``Linear`` modules whose kernels are quantized: those inside ``layers``.
+
+    Same set as PEFT's ``all-linear``: LM heads and classification heads stay dense.
+    """
+    from jaxtune.models.layers import Linear
+
+    return [
+        (tuple(p), m)
+        for p, m in nnx.iter_modules(model)
+        if isinstance(m, Linear) and "layers" in tuple(p)
+    ]
+
+
+def quantize_model(model: nnx.Module, fmt: str | None) -> nnx.Module:
+    """Replaces the kernels of :func:`targets` by :class:`QuantizedKernel` (in place).
+
+    ``fmt=None`` returns the model unchanged. Works on concrete models (quantized on the
+    host) and inside ``nnx.eval_shape`` (abstract shapes, e.g. for ``jaxtune plan``).
+    """
+    if fmt is None:
+        return model
+    check_format(fmt)
+    found = targets(model)
+    if not found:
+        raise ConfigError("model.quantize: the model has no linear layers to quantize")
+    for _, lin in found:
+        if isinstance(lin.kernel, QuantizedKernel):
+            if lin.kernel.fmt != fmt:
+                raise ConfigError(f"model.quantize={fmt}: already quantized as {lin.kernel.fmt}")
+            continue
+        lin.kernel = QuantizedKernel.from_param(lin.kernel, fmt)
+    return model
+
+
+def quant_format(model: nnx.Module) -> str | None:
+    """``int8`` / ``nf4`` if the model has quantized kernels, else None."""
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, QuantizedKernel):
+            return m.fmt
+    return None
+
+
+def dequantize_model(model: nnx.Module) -> nnx.Module:
+    """A copy of ``model`` with dense ``nnx.Param`` kernels (``model`` is untouched).
+
+    The kernels get the model's parameter dtype and keep their axes; LoRA factors stay
+    unmerged (``jaxtune.peft.merge`` can then fold them in, as PEFT does for bnb models).
+    """
+    if quant_format(model) is None:
+        return model
+    from jaxtune.models.layers import Linear
+
+    new = nnx.clone(model)
+    for _, lin in nnx.iter_modules(new):
+        if isinstance(lin, Linear) and isinstance(lin.kernel, QuantizedKernel):
+            q = lin.kernel
+            lin.kernel = nnx.Param(q.dequantize(), axes=q.axes)
+    return new
+
+
+def abstract_quantized_model(cfg, dtype=jnp.float32, fmt: str | None = None) -> nnx.Module:
+    """Like ``jaxtune.models.abstract_model``, with quantized kernels if ``fmt``."""
+    from jaxtune.models import family_of_config
+
+    cls = family_of_config(cfg).model_class()
+    return nnx.eval_shape(lambda: quantize_model(cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)), fmt))
+
+
+def quantized_stats(model: nnx.Module) -> dict:
+    """``{"params": logical weights quantized, "bytes": bytes stored}`` (zeros if none)."""
+    kernels = [m for _, m in nnx.iter_modules(model) if isinstance(m, QuantizedKernel)]
+    return {"params": sum(k.size for k in kernels), "bytes": sum(k.nbytes for k in kernels)}
