@@ -1,0 +1,284 @@
+"""Worker processes for ``bench_train.py``: one training side (jaxtune or torch) each.
+
+A worker loads the model, builds its training step, warms it up and then obeys the
+parent, one JSON line at a time on stdin:
+
+* ``{"cmd": "run", "steps": K}`` -> ``{"times": [s, ...], "losses": [...]}``;
+* ``{"cmd": "finish"}`` -> peak RSS (``VmHWM``, read *before* the matmul probe, which
+  would otherwise inflate it), then the measured matmul GFLOP/s of this library; exit.
+
+Each side is its own process so its peak RSS is its own, and so the two never share a
+thread pool or an allocator. Replies go to a private copy of the original stdout;
+fd 1 is pointed at stderr so library chatter can never corrupt the protocol::
+
+    python benchmarks/train_workers.py jax|torch SPEC_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def vm_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``) in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _rss_mib() -> dict:
+    return {"rss": vm_kib("VmRSS") // 1024, "hwm": vm_kib("VmHWM") // 1024}
+
+
+def make_batch(spec: dict) -> dict[str, np.ndarray]:
+    """The one synthetic batch both sides train on (same token ids, no padding).
+
+    The last target of each row has weight 0: transformers' ``labels=input_ids`` loss
+    shifts inside the model and so scores T-1 tokens per row; jaxtune then scores the
+    very same tokens and the first losses of the two sides must agree.
+    """
+    b, t, v = spec["batch"], spec["seq"], spec["vocab"]
+    ids = np.random.default_rng(spec["seed"]).integers(0, v, (b, t), dtype=np.int32)
+    weights = np.ones((b, t), np.float32)
+    weights[:, -1] = 0.0
+    targets = np.concatenate([ids[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
+    return {
+        "input_ids": ids,
+        "targets": targets,
+        "loss_weights": weights,
+        "attention_mask": np.ones((b, t), np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+        "segment_ids": np.ones((b, t), np.int32),
+    }
+
+
+class JaxSide:
+    """jaxtune's own training step, built exactly as ``jaxtune train`` builds it."""
+
+    def __init__(self, spec: dict):
+        import jax
+        from flax import nnx
+
+        from jaxtune.config import config_from_dict, validate_against_devices
+        from jaxtune.optim import build_optimizer
+        from jaxtune.peft.trainable import trainable_filter
+        from jaxtune.sharding import make_mesh, state_shardings
+        from jaxtune.train.loop import build_model, device_batch
+        from jaxtune.train.state import (
+            init_opt_state,
+            jit_train_step,
+            make_state,
+            train_state_shardings,
+        )
+        from jaxtune.train.step import loss_sums_for
+
+        self.jax = jax
+        self.rss = {"imports": _rss_mib()}
+        cfg = config_from_dict(
+            {
+                "model": {"path": spec["model_path"], "scan_layers": spec["scan"]},
+                "peft": _jax_peft(spec),
+                "optim": _jax_optim(spec),
+                "train": {"batch_size": spec["batch"], "seq_len": spec["seq"], "steps": 1000},
+                "run": {"dir": os.path.join(spec["scratch"], "run")},
+            }
+        )
+        mesh = make_mesh(*validate_against_devices(cfg, jax.device_count(), 1))
+        t0 = time.perf_counter()
+        model = build_model(cfg, mesh)
+        self.rss["model"] = _rss_mib()
+        filt = trainable_filter(model, cfg.peft)
+        graphdef, params, self.frozen = nnx.split(model, filt, ...)
+        loss_sums = loss_sums_for(model)
+        del model
+        tx = build_optimizer(cfg.optim, 1000, params)
+        opt_state = init_opt_state(tx, params, mesh)
+        self.info = {
+            "trainable": sum(x.size for x in jax.tree.leaves(params)),
+            "total": sum(x.size for x in jax.tree.leaves((params, self.frozen))),
+        }
+        self.state = make_state(0, params, opt_state, cfg.train.seed, mesh)
+        del params, opt_state
+        self.step_fn = jit_train_step(
+            graphdef,
+            tx,
+            train_state_shardings(self.state["params"], self.state["opt_state"], mesh),
+            state_shardings(self.frozen, mesh),
+            mesh,
+            loss_sums=loss_sums,
+        )
+        self.info["load_s"] = time.perf_counter() - t0
+        self.rss["state"] = _rss_mib()
+        self.batch = make_batch(spec)
+        self.to_device = lambda b: device_batch(b, mesh)
+        # Compile time proper: trace + lower + XLA compile, without running anything.
+        t0 = time.perf_counter()
+        self.step_fn.lower(self.state, self.frozen, self.to_device(self.batch)).compile()
+        self.info["compile_s"] = time.perf_counter() - t0
+        self.rss["compiled"] = _rss_mib()
+
+    def step(self) -> float:
+        # As the host loop does: put the batch on the mesh, run, fetch the scalars.
+        self.state, metrics = self.step_fn(self.state, self.frozen, self.to_device(self.batch))
+        return float(self.jax.device_get(metrics)["loss"])
+
+    def finish(self) -> dict:
+        return {"compiles": self.step_fn._cache_size(), "torch_imported": "torch" in sys.modules}
+
+    @staticmethod
+    def matmul_gflops(n: int, reps: int) -> float:
+        import jax
+        import jax.numpy as jnp
+
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        mm = jax.jit(lambda x, y: x @ y)
+        mm(a, b).block_until_ready()
+        best = min(_timed(lambda: mm(a, b).block_until_ready()) for _ in range(reps))
+        return 2 * n**3 / best / 1e9
+
+
+def _jax_peft(spec: dict) -> dict:
+    if spec["mode"] == "full":
+        return {"method": "full"}
+    r = spec["rank"]
+    return {"method": "lora", "rank": r, "alpha": spec["alpha"], "dropout": 0.0,
+            "targets": LORA_TARGETS}  # fmt: skip
+
+
+def _jax_optim(spec: dict) -> dict:
+    o = spec["optim"]
+    return {"name": "adamw", "lr": o["lr"], "schedule": "constant", "b1": o["b1"],
+            "b2": o["b2"], "eps": o["eps"], "weight_decay": o["wd"], "grad_clip": o["clip"]}  # fmt: skip
+
+
+class TorchSide:
+    """transformers + PEFT + ``torch.optim.AdamW``, the way an HF training loop does it."""
+
+    def __init__(self, spec: dict):
+        if spec.get("omp_wait_policy"):
+            # Read once when libgomp loads (with torch): must be set before the import.
+            os.environ["OMP_WAIT_POLICY"] = spec["omp_wait_policy"]
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.rss = {"imports": _rss_mib()}
+        torch.set_num_threads(spec["threads"])
+        torch.manual_seed(spec["seed"])
+        t0 = time.perf_counter()
+        path = spec["model_path"]
+        if path.endswith(".gguf"):
+            d, name = os.path.split(path)
+            model = AutoModelForCausalLM.from_pretrained(
+                d, gguf_file=name, dtype=torch.float32, attn_implementation="sdpa"
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation="sdpa"
+            )
+        if spec["mode"] == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lc = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0,
+                            target_modules=LORA_TARGETS, task_type="CAUSAL_LM")  # fmt: skip
+            model = get_peft_model(model, lc)
+        self.rss["model"] = _rss_mib()
+        model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        o = spec["optim"]
+        self.opt = torch.optim.AdamW(
+            self.params, lr=o["lr"], betas=(o["b1"], o["b2"]), eps=o["eps"], weight_decay=o["wd"]
+        )
+        self.clip = o["clip"]
+        self.info = {
+            "trainable": sum(p.numel() for p in self.params),
+            "total": sum(p.numel() for p in model.parameters()),
+            "load_s": time.perf_counter() - t0,
+            "compile_s": None,
+        }
+        self.model = model
+        if spec.get("torch_compile"):
+            self.model = torch.compile(model)
+        b = make_batch(spec)
+        self.ids = torch.from_numpy(b["input_ids"]).long()
+        self.mask = torch.from_numpy(b["attention_mask"]).long()
+
+    def step(self) -> float:
+        out = self.model(input_ids=self.ids, attention_mask=self.mask, labels=self.ids)
+        out.loss.backward()
+        if self.clip:
+            self.torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    def finish(self) -> dict:
+        return {"threads": self.torch.get_num_threads()}
+
+    @staticmethod
+    def matmul_gflops(n: int, reps: int) -> float:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g)
+        b = torch.randn(n, n, generator=g)
+        torch.mm(a, b)
+        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+        return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str]) -> int:
+    side_name, spec = argv[0], json.loads(argv[1])
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints from libraries land on stderr, not in the protocol
+
+    def reply(obj: dict) -> None:
+        proto.write(json.dumps(obj) + "\n")
+
+    side = (JaxSide if side_name == "jax" else TorchSide)(spec)
+    t0 = time.perf_counter()
+    first_loss = side.step()  # jax: compiles again only if lower().compile() was not reused
+    first = time.perf_counter() - t0
+    warm = [_timed(side.step) for _ in range(spec["warmup"])]
+    side.rss["warm"] = _rss_mib()
+    reply({**side.info, "rss_stages_mib": side.rss, "first_step_s": first, "warmup_s": warm, "first_loss": first_loss,
+           "rss_after_warmup_kib": vm_kib("VmRSS")})  # fmt: skip
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["cmd"] == "run":
+            times, cpu, losses = [], [], []
+            for _ in range(msg["steps"]):
+                t0, c0 = time.perf_counter(), time.process_time()
+                losses.append(side.step())
+                times.append(time.perf_counter() - t0)
+                # CPU seconds of all this process's threads: less sensitive than wall
+                # time to other tenants of a shared machine (when nothing busy-waits).
+                cpu.append(time.process_time() - c0)
+            reply({"times": times, "cpu": cpu, "losses": losses})
+        elif msg["cmd"] == "finish":
+            out = {**side.finish(), "peak_rss_kib": vm_kib("VmHWM")}
+            n, reps = spec["matmul_n"], spec["matmul_reps"]
+            out["matmul_gflops"] = side.matmul_gflops(n, reps)
+            reply(out)
+            return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
