@@ -165,15 +165,33 @@ def load_run_model(run_dir: Path, dtype=None, step: int | None = None, **opts):
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    model = from_pretrained(
-        cfg.model.path, dtype=dtype or cfg.model.dtype, scan_layers=scan_layers_for(cfg), **opts
-    )
-    apply_peft(model, cfg.peft, rngs=nnx.Rngs(cfg.train.seed))
+    if cfg.peft.head == "classification":  # a SequenceClassifier: backbone + head
+        import dataclasses
+
+        from jaxtune.classify import build_classifier
+        from jaxtune.models.heads import classifier_filter
+        from jaxtune.train.classification import saved_labels
+
+        labels = saved_labels(run_dir)
+        names = labels["label_names"]
+        model_cfg = dataclasses.replace(cfg.model, dtype=dtype or cfg.model.dtype)
+        model = build_classifier(
+            dataclasses.replace(cfg, model=model_cfg),
+            labels["num_labels"],
+            tuple(names) if names else None,
+        )
+        filt = classifier_filter(model, cfg.peft)
+    else:
+        model = from_pretrained(
+            cfg.model.path, dtype=dtype or cfg.model.dtype, scan_layers=scan_layers_for(cfg), **opts
+        )
+        apply_peft(model, cfg.peft, rngs=nnx.Rngs(cfg.train.seed))
+        filt = trainable_filter(model, cfg.peft)
     ckpt = Checkpointer(run_dir, async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise ModelLoadError(f"{run_dir}: the run has no checkpoint yet")
-    _, params, _ = nnx.split(model, trainable_filter(model, cfg.peft), ...)
+    _, params, _ = nnx.split(model, filt, ...)
     params, _, _, _ = ckpt.restore(step, params)
     nnx.update(model, params)
     ckpt.close()

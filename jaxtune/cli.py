@@ -41,7 +41,10 @@ class Parser(argparse.ArgumentParser):
             for arg in m.group(1).split():
                 flag = arg.split("=")[0]
                 close = difflib.get_close_matches(flag, options, n=1)
-                if flag.startswith("-") and close:
+                if flag.startswith("-") and close and close[0] == flag:
+                    # Known, but to another subcommand: a suggestion would repeat it.
+                    message += f". ('{flag}' is not an option of this command; see its --help)"
+                elif flag.startswith("-") and close:
                     message += f". Did you mean '{close[0]}' for '{flag}'?"
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -225,6 +228,20 @@ def cmd_export(args) -> int:
 
     src = resolve_path(args.src)
     model = from_pretrained(src)
+    from jaxtune.models.heads import SequenceClassifier
+
+    if isinstance(model, SequenceClassifier):
+        from jaxtune.classify import export_classifier
+        from jaxtune.errors import ConfigError
+
+        if args.adapter:
+            raise ConfigError(
+                f"{src}: a classification run exports as a merged "
+                "*ForSequenceClassification directory; use --merged"
+            )
+        diff = export_classifier(model, args.out, tokenizer=load_tokenizer(src))
+        print(f"wrote {args.out} (verified: max |logit diff| {diff:.2e})")
+        return 0
     if args.adapter:
         if model_kind(src) != "run":
             from jaxtune.errors import ConfigError

@@ -51,7 +51,10 @@ class ModelConfig:
       remat: activation rematerialisation per layer: ``none``, ``dots`` (save matmul
         outputs only) or ``full`` (recompute everything in the backward pass).
       attention: attention kernel; ``auto`` picks cuDNN flash attention on GPU, XLA elsewhere.
-      quantize: quantize the frozen base weights (QLoRA-style); null = no quantization.
+      quantize: store the frozen kernels of the linear layers in the layer stack
+        quantized (QLoRA-style; embeddings, norms and LM head stay in ``dtype``):
+        ``nf4`` (4-bit NormalFloat, absmax per block of 64) or ``int8``; null = no
+        quantization. Needs a PEFT method other than ``full``.
       max_seq_len: longest sequence the model is used with (RoPE tables, KV cache); null =
         the model's own limit.
       preset: architecture preset (e.g. ``llama31_8b``) that ``jaxtune plan`` compiles for
@@ -236,6 +239,10 @@ class EvalConfig:
       every: run the tasks every N steps (0 = not during training).
       max_items: cap on items per task; null = all.
       at_end: run the tasks after the last step.
+      at_start: also run them before the first step, for a before/after table
+        (``eval/eval_report.md`` in the run directory).
+      num_fewshot: solved examples before each multiple-choice question.
+      batch_size: scored (item, choice) rows per forward pass.
       generate_samples: validation prompts to generate answers for in the report.
       max_new_tokens: generation length for samples and generative tasks.
     """
@@ -244,6 +251,9 @@ class EvalConfig:
     every: int = 0
     max_items: int | None = None
     at_end: bool = True
+    at_start: bool = True
+    num_fewshot: int = 0
+    batch_size: int = 32
     generate_samples: int = 3
     max_new_tokens: int = 64
 
@@ -337,10 +347,10 @@ _RANGE_GROUPS = {
     "> 0": """model.max_seq_len data.max_examples peft.rank peft.alpha peft.adapter_size
         peft.adapter_reduction optim.lr optim.eps optim.grad_clip train.steps train.epochs
         train.batch_size train.seq_len train.max_eval_batches eval.max_items
-        eval.max_new_tokens""",
+        eval.max_new_tokens eval.batch_size""",
     ">= 0": """data.split_seed peft.unfreeze_top_layers peft.head_hidden optim.warmup_steps
         optim.weight_decay train.seed train.eval_every train.early_stopping_patience
-        checkpoint.every eval.every eval.generate_samples""",
+        checkpoint.every eval.every eval.generate_samples eval.num_fewshot""",
     ">= 1": "data.pad_to_multiple_of train.grad_accum train.log_every checkpoint.keep",
     ">= 2": "peft.num_labels",
     "[0, 1)": """data.validation_fraction data.test_fraction peft.dropout optim.warmup_ratio
@@ -619,6 +629,15 @@ class _Builder:
             self.fail(
                 "checkpoint.keep_best", "needs evaluations; set train.eval_every or eval.every > 0"
             )
+        if (p.head == "classification") != (d.format == "classification"):
+            self.fail(
+                "peft.head",
+                f"peft.head={p.head!r} with data.format={d.format!r}: a classification head "
+                "trains on labelled data and labelled data needs one (set both to "
+                "classification, or score labels with the LM: format instruction)",
+            )
+        if p.head == "classification" and cfg.eval.tasks:
+            self.fail("eval.tasks", "LM evaluation tasks need peft.head=lm")
         if not cfg.run.dir:
             self.bad("run.dir", cfg.run.dir, "a non-empty directory path")
 

@@ -97,10 +97,31 @@ def test_architecture_comes_from_path_or_preset(tmp_path):
     assert model_config(cfg).hidden_size == 48  # existing weights win over the preset
 
 
-@pytest.mark.parametrize("name", ["llama31_8b_lora.yaml", "llama31_8b_full.yaml"])
+RECIPES = {  # recipe: (preset, layers, topology named in its header)
+    "llama31_8b_lora.yaml": ("llama31_8b", 32, "v5p:2x2x2"),
+    "llama31_8b_full.yaml": ("llama31_8b", 32, "v5p:2x2x2"),
+    "mistral_7b_lora.yaml": ("mistral_7b", 32, "v5e:2x4"),
+    "tinyllama_1b_full.yaml": ("tinyllama_1b", 22, "v5e:2x2"),
+    "qwen2_0_5b_lora.yaml": ("qwen2_0_5b", 24, "v5e:1x1"),
+    "qwen2_1_5b_full.yaml": ("qwen2_1_5b", 28, "v5e:2x2"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
 def test_accelerator_recipes_parse_and_name_a_preset(name):
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).parent.parent / "configs" / name)
-    assert cfg.model.preset == "llama31_8b" and cfg.model.dtype == "bfloat16"
-    assert model_config(cfg).num_layers == 32
+    path = Path(__file__).parent.parent / "configs" / name
+    cfg = load_config(path)
+    preset, layers, topology = RECIPES[name]
+    assert cfg.model.preset == preset and cfg.model.dtype == "bfloat16"
+    assert model_config(cfg).num_layers == layers
+    assert f"jaxtune plan configs/{name} --topology {topology}" in path.read_text()
+
+
+def test_every_preset_recipe_is_listed():
+    from pathlib import Path
+
+    configs = Path(__file__).parent.parent / "configs"
+    with_preset = {p.name for p in configs.glob("*.yaml") if "preset:" in p.read_text()}
+    assert with_preset == set(RECIPES)

@@ -192,14 +192,46 @@ def run_tasks(
     Raises:
       ConfigError / DataError: unknown task, bad task file, ``perplexity`` without data.
     """
-    from jaxtune.eval.generate import SamplingConfig
-    from jaxtune.eval.multiple_choice import evaluate_items, grouped_metrics
-
     names = parse_tasks(tasks)
-    say = log or (lambda s: None)
     if max_len is None:
         max_len = min(2048, int(getattr(model.config, "max_position_embeddings", 2048) or 2048))
-    # Load and validate everything before scoring anything.
+    loaded = load_tasks(names, limit=limit, num_fewshot=num_fewshot, seed=seed, eval_data=eval_data)
+    return score_tasks(
+        model,
+        tokenizer,
+        loaded,
+        batch_size=batch_size,
+        max_len=max_len,
+        sampling=sampling,
+        chat=chat,
+        stop=stop,
+        out_dir=out_dir,
+        log=log,
+    )
+
+
+def load_tasks(
+    names: Sequence[str],
+    *,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    seed: int = T.DEFAULT_FEWSHOT_SEED,
+    eval_data=None,
+) -> dict[str, tuple[str, object]]:
+    """Loads and validates every task before anything is scored.
+
+    Args:
+      names: from :func:`parse_tasks`.
+      limit / num_fewshot / seed / eval_data: as in :func:`run_tasks`.
+
+    Returns:
+      ``{result key: (kind, payload)}`` with kind ``perplexity``, ``generate`` or
+      ``choice``; pass it to :func:`score_tasks` (as often as needed: the trainer loads
+      once and scores at every evaluation).
+
+    Raises:
+      ConfigError / DataError: unknown task, bad task file, ``perplexity`` without data.
+    """
     loaded: dict[str, tuple[str, object]] = {}
     for name in names:
         if name == "perplexity":
@@ -216,6 +248,27 @@ def run_tasks(
             key = T.file_task_name(name) if T.is_file_task(name) else name
             items = T.load_task(name, num_fewshot=num_fewshot, seed=seed, limit=limit)
             loaded[key] = ("choice", items)
+    return loaded
+
+
+def score_tasks(
+    model,
+    tokenizer,
+    loaded: dict[str, tuple[str, object]],
+    *,
+    batch_size: int = 32,
+    max_len: int = 2048,
+    sampling=None,
+    chat: bool = False,
+    stop: Sequence[str] = (),
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, dict]:
+    """Scores tasks loaded by :func:`load_tasks`; arguments and result as :func:`run_tasks`."""
+    from jaxtune.eval.generate import SamplingConfig
+    from jaxtune.eval.multiple_choice import evaluate_items, grouped_metrics
+
+    say = log or (lambda s: None)
     results: dict[str, dict] = {}
     out = Path(out_dir) if out_dir is not None else None
     for key, (kind, payload) in loaded.items():

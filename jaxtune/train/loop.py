@@ -70,15 +70,16 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, bool]:
     return run_dir, bool(is_run and cfg.train.resume and not overwrite)
 
 
-def device_batch(batch: dict, mesh, leading: int = 0) -> dict:
+def device_batch(batch: dict, mesh, leading: int = 0, labels: bool = False) -> dict:
     """Host-local numpy batch -> global jax arrays sharded over (data, fsdp).
 
     Each host passes only its own rows; ``make_array_from_process_local_data``
-    assembles the global batch without any host seeing the others' data.
+    assembles the global batch without any host seeing the others' data. ``labels``
+    (int [B], classification) are kept only when asked for.
     """
     out = {}
     for k, v in batch.items():
-        if k == "labels":
+        if k == "labels" and not labels:
             continue
         sharding = batch_sharding(mesh, v.ndim, leading)
         out[k] = jax.make_array_from_process_local_data(sharding, v)
@@ -122,8 +123,13 @@ class _Preempt:
             signal.signal(s, h)
 
 
-def build_model(cfg: Config, mesh):
-    """Base model loaded into its shards, plus PEFT modules, placed on the mesh."""
+def build_model(cfg: Config, mesh, labels: dict | None = None):
+    """Base model loaded into its shards, plus PEFT modules, placed on the mesh.
+
+    With ``peft.head: classification`` the model is a
+    :class:`~jaxtune.models.heads.SequenceClassifier` over the backbone; ``labels`` is
+    then ``{"num_labels": K, "label_names": [...]}``.
+    """
     from jaxtune.api import from_pretrained
     from jaxtune.peft.trainable import apply_peft
     from jaxtune.sharding import shard_model
@@ -132,6 +138,12 @@ def build_model(cfg: Config, mesh):
         raise ConfigError(
             "model.path is required (an HF dir, a .gguf file or a jaxtune checkpoint)"
         )
+    if cfg.peft.head == "classification":
+        from jaxtune.classify import build_classifier
+
+        names = labels.get("label_names")
+        clf = build_classifier(cfg, labels["num_labels"], tuple(names) if names else None)
+        return shard_model(clf, mesh)
     model = from_pretrained(
         cfg.model.path,
         dtype=cfg.model.dtype,
@@ -139,6 +151,7 @@ def build_model(cfg: Config, mesh):
         remat=cfg.model.remat,
         attention_impl=cfg.model.attention,
         sharding=variable_sharding(mesh),
+        quantize=cfg.model.quantize,
     )
     if cfg.model.compute_dtype:
         model.compute_dtype = jnp.dtype(cfg.model.compute_dtype)
@@ -217,8 +230,17 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
 def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
     from jaxtune.api import load_tokenizer
     from jaxtune.data import BatchIterator, build_datasets
+    from jaxtune.models.heads import classifier_filter
     from jaxtune.optim import build_optimizer, lr_schedule
     from jaxtune.peft.trainable import summary, trainable_filter
+    from jaxtune.train.classification import (
+        feature_only,
+        final_classifier_report,
+        label_info,
+        run_feature_head,
+    )
+    from jaxtune.train.evals import TaskEvals, classifier_metrics, improved
+    from jaxtune.train.step import loss_sums_for
 
     t_start = time.perf_counter()
     data_n, fsdp_n, tensor_n = validate_against_devices(
@@ -236,16 +258,21 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
     if jax.process_index() == 0:
         save_config(cfg, run_dir / "config.yaml")
 
+    is_cls = cfg.peft.head == "classification"
+    if is_cls and feature_only(cfg):
+        return run_feature_head(cfg, run_dir, t_start)
     tokenizer = load_tokenizer(cfg.model.path)
     datasets = build_datasets(cfg.data, tokenizer, cfg.train.seq_len)
     if "train" not in datasets:
         raise ConfigError("data.train is required")
-    model = build_model(cfg, mesh)
-    filt = trainable_filter(model, cfg.peft)
+    labels = label_info(cfg, datasets["train"], run_dir) if is_cls else None
+    model = build_model(cfg, mesh, labels)
+    filt = classifier_filter(model, cfg.peft) if is_cls else trainable_filter(model, cfg.peft)
     info = summary(model, filt)
     if jax.process_index() == 0:
         print(info["text"])
     graphdef, params, frozen = nnx.split(model, filt, ...)
+    loss_sums = loss_sums_for(model)
     del model
 
     it = BatchIterator(
@@ -287,9 +314,22 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
         mesh,
         grad_accum=cfg.train.grad_accum,
         dropout=cfg.peft.dropout > 0,
+        loss_sums=loss_sums,
+        batch_ndims={k: (1 if k == "labels" else 2) for k in _CLS_KEYS} if is_cls else None,
     )
     eval_fn = jax.jit(make_eval_step(graphdef))
     val = datasets.get("validation")
+    tasks = TaskEvals(cfg, tokenizer, datasets, graphdef, run_dir, n_steps)
+
+    def evaluate(params) -> dict:
+        if not is_cls:
+            return evaluate_loss(eval_fn, params, frozen, val, cfg, mesh)
+        m = classifier_metrics(
+            graphdef, params, frozen, val, cfg.train.batch_size, cfg.train.max_eval_batches
+        )
+        m.pop("confusion")
+        return m
+
     logger = MetricsLogger(
         run_dir, cfg, n_steps, start_step, params=info, devices=list(mesh.devices.flat)
     )
@@ -309,14 +349,19 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
     stop_reason = "completed"
     best, bad_evals, last_eval = None, 0, None
     lead = 0 if cfg.train.grad_accum == 1 else 1
+    watched = cfg.train.early_stopping_metric
+    if tasks.due(start_step) and start_step == 0:
+        tasks.run(0, state["params"], frozen)  # the "before" column of the report
     for step in range(start_step, n_steps):
         if pre.agreed():
             stop_reason = f"stopped by {pre.signal}"
             break
         micro = [next(it) for _ in range(cfg.train.grad_accum)]
+        if is_cls:
+            micro = [{k: b[k] for k in _CLS_KEYS} for b in micro]
         batch = micro[0] if cfg.train.grad_accum == 1 else stack_micro_batches(micro)
         t0 = time.perf_counter()
-        state, metrics = step_fn(state, frozen, device_batch(batch, mesh, lead))
+        state, metrics = step_fn(state, frozen, device_batch(batch, mesh, lead, labels=is_cls))
         metrics = jax.device_get(metrics)  # one host sync per step, all scalars at once
         row = {
             "step": step + 1,
@@ -334,9 +379,11 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
         do_eval = (
             val is not None and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
         )
+        evaluated = False
         if do_eval or (val is not None and step + 1 == n_steps):
-            ev = evaluate_loss(eval_fn, state["params"], frozen, val, cfg, mesh)
+            ev = evaluate(state["params"])
             row.update(ev)
+            evaluated = True
             if (
                 last_eval is not None
                 and ev["eval/loss"] > last_eval[0]
@@ -347,12 +394,15 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
                     "training loss fell: the model may be overfitting"
                 )
             last_eval = (ev["eval/loss"], row["loss"])
-            metric = ev.get(cfg.train.early_stopping_metric)
-            if metric is not None:
-                if best is None or metric < best:
-                    best, bad_evals = metric, 0
-                else:
-                    bad_evals += 1
+        if tasks.due(step + 1):
+            row.update(tasks.run(step + 1, state["params"], frozen))
+            evaluated = True
+        metric = row.get(watched) if evaluated else None
+        if metric is not None:
+            if improved(watched, metric, best):
+                best, bad_evals = metric, 0
+            else:
+                bad_evals += 1
         logger.log(row)
         every = cfg.checkpoint.every
         if every and (step + 1) % every == 0:
@@ -370,12 +420,22 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
     logger.close(stop_reason)
     if nonfinite:
         raise TrainingError(nonfinite)
+    report = tasks.write_report(final_step) if tasks else None
+    if report is not None:
+        print(f"evaluation report: {report['md']}")
+    final_eval = {k: v for k, v in logger.last.items() if k.startswith(("eval/", "tasks/"))}
+    if is_cls:
+        final_eval.update(
+            final_classifier_report(
+                cfg, graphdef, state["params"], frozen, datasets, run_dir, final_step
+            )
+        )
     summary_out = {
         "run_dir": str(run_dir),
         "steps": final_step,
         "stop_reason": stop_reason,
         "final_loss": logger.last.get("loss"),
-        "eval": {k: v for k, v in logger.last.items() if k.startswith("eval/")},
+        "eval": final_eval,
         "seconds": time.perf_counter() - t_start,
         "compiles": step_fn._cache_size(),
     }
@@ -385,4 +445,8 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
 
 
 def _ev(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k.startswith("eval/")}
+    return {k: v for k, v in row.items() if k.startswith(("eval/", "tasks/"))}
+
+
+# The keys a classifier's batch needs (the iterator also yields LM targets).
+_CLS_KEYS = ("input_ids", "attention_mask", "labels")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxtune.sharding import batch_sharding, replicated, state_shardings
 from jaxtune.train.step import make_train_step
@@ -84,8 +84,14 @@ def jit_train_step(
     *,
     grad_accum: int = 1,
     dropout: bool = False,
+    loss_sums=None,
+    batch_ndims: dict[str, int] | None = None,
 ):
     """``jit(train_step)`` with explicit in/out shardings and the state donated.
+
+    ``loss_sums`` defaults to next-token loss (see :func:`make_train_step`);
+    ``batch_ndims`` (``{key: ndim}`` of one micro-batch, e.g. ``labels``: 1) gives the
+    batch's keys when they are not all [B, T].
 
     Explicit shardings make the compiled program independent of how the inputs happen
     to be placed (one compilation per batch shape, none per step) and let ``plan``
@@ -93,8 +99,11 @@ def jit_train_step(
     update parameters and optimizer state in place (no second copy in memory).
     """
     lead = 0 if grad_accum == 1 else 1
-    batch_sh: NamedSharding = batch_sharding(mesh, 2 + lead, lead)
-    fn = make_train_step(graphdef, tx, grad_accum=grad_accum, dropout=dropout)
+    batch_sh = batch_sharding(mesh, 2 + lead, lead)
+    if batch_ndims is not None:
+        batch_sh = {k: batch_sharding(mesh, n + lead, lead) for k, n in batch_ndims.items()}
+    kw = {} if loss_sums is None else {"loss_sums": loss_sums}
+    fn = make_train_step(graphdef, tx, grad_accum=grad_accum, dropout=dropout, **kw)
     return jax.jit(
         fn,
         in_shardings=(state_sh, frozen_sh, batch_sh),

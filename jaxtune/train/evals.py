@@ -1,0 +1,201 @@
+"""Evaluations the trainer runs besides the validation loss.
+
+- :class:`TaskEvals`: ``eval.tasks`` (multiple-choice benchmarks, JSONL tasks, generation
+  tasks, ``perplexity``) on the model being trained, with the same scorer as
+  ``jaxtune eval``: once before the first step (``eval.at_start``), every ``eval.every``
+  steps and after the last one (``eval.at_end``). Tasks are loaded and validated when
+  the run starts, so a typo fails in a second instead of after training. Results are
+  logged as ``tasks/<task>/<metric>`` (so ``checkpoint.best_metric`` and early stopping
+  can watch them) and written to ``run_dir/eval/``: one JSON per evaluated step and a
+  before/after ``eval_report.md``.
+- :func:`classifier_metrics`: loss, accuracy and macro-F1 of a classification run on a
+  held-out split (``eval/loss``, ``eval/accuracy``, ``eval/macro_f1``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtune.errors import ConfigError
+
+# Metrics for which a lower value is better; every other watched metric is maximised.
+_LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error", "rate", "repetition")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Direction of a logged metric name, e.g. ``eval/loss`` (min), ``tasks/arc_easy/acc``."""
+    leaf = metric.rsplit("/", 1)[-1]
+    return any(k in leaf for k in _LOWER_IS_BETTER)
+
+
+def improved(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of ``metric`` beats ``best`` (None = nothing yet)."""
+    if best is None:
+        return True
+    return value < best if lower_is_better(metric) else value > best
+
+
+def flat_task_metrics(results: dict[str, dict]) -> dict[str, float]:
+    """``{task: {metric: v}}`` -> ``{"tasks/task/metric": v}`` for numeric values."""
+    out = {}
+    for task, metrics in results.items():
+        for k, v in metrics.items():
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                out[f"tasks/{task}/{k}"] = float(v)
+    return out
+
+
+class TaskEvals:
+    """Runs ``cfg.eval.tasks`` on the trained model at chosen steps.
+
+    Args:
+      cfg: the run config.
+      tokenizer: the model's tokenizer.
+      datasets: tokenized splits (``validation`` feeds ``perplexity``).
+      graphdef: the model's graph (``nnx.split``), merged with the live weights for each
+        evaluation, so nothing is copied.
+      run_dir: where ``eval/`` goes.
+      total_steps: the run's last step (for ``at_end``).
+
+    Raises:
+      ConfigError / DataError: an unknown task or a bad task file (at construction).
+    """
+
+    def __init__(self, cfg, tokenizer, datasets: dict, graphdef, run_dir: Path, total_steps: int):
+        from jaxtune.eval.runner import load_tasks, parse_tasks
+
+        self.cfg, self.tokenizer, self.graphdef = cfg, tokenizer, graphdef
+        self.names = parse_tasks(cfg.eval.tasks) if cfg.eval.tasks else []
+        self.total_steps = total_steps
+        self.dir = Path(run_dir) / "eval"
+        self.loaded = {}
+        if not self.names:
+            return
+        if jax.process_count() > 1:
+            # The scorer feeds host-local numpy batches to a jitted forward pass; over
+            # several hosts every process would need the same items in lockstep.
+            raise ConfigError(
+                "eval.tasks during training runs on one host; on a multi-host run leave it "
+                "empty and run `jaxtune eval RUN_DIR --tasks ...` afterwards"
+            )
+        self.loaded = load_tasks(
+            self.names,
+            limit=cfg.eval.max_items,
+            num_fewshot=cfg.eval.num_fewshot,
+            eval_data=datasets.get("validation"),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.loaded)
+
+    def due(self, step: int) -> bool:
+        """Whether to evaluate after optimizer step ``step`` (0 = before training)."""
+        if not self.loaded:
+            return False
+        if step == 0:
+            return self.cfg.eval.at_start and not (self.dir / "step_0.json").exists()
+        every = self.cfg.eval.every
+        return bool(every and step % every == 0) or (
+            self.cfg.eval.at_end and step == self.total_steps
+        )
+
+    def run(self, step: int, params, frozen, log=print) -> dict[str, float]:
+        """Scores every task on the current weights; returns flat ``tasks/...`` metrics."""
+        from jaxtune.eval.generate import SamplingConfig
+        from jaxtune.eval.runner import score_tasks
+
+        model = nnx.merge(self.graphdef, params, frozen)
+        cfg = self.cfg
+        max_len = min(2048, int(getattr(model.config, "max_position_embeddings", 2048) or 2048))
+        results = score_tasks(
+            model,
+            self.tokenizer,
+            self.loaded,
+            batch_size=cfg.eval.batch_size,
+            max_len=max_len,
+            sampling=SamplingConfig(max_new_tokens=cfg.eval.max_new_tokens),
+            out_dir=self.dir / f"step_{step}",
+            log=lambda m: log(f"[eval step {step}] {m}"),
+        )
+        if jax.process_index() == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / f".step_{step}.json.tmp"
+            tmp.write_text(json.dumps(results, indent=2))
+            tmp.replace(self.dir / f"step_{step}.json")
+        return flat_task_metrics(results)
+
+    def write_report(self, step: int) -> dict | None:
+        """``eval/eval_report.{json,md}``: the last evaluation, beside step 0 if there is one."""
+        from jaxtune.eval.report import write_report
+
+        last = self.dir / f"step_{step}.json"
+        if not self.loaded or not last.exists() or jax.process_index() != 0:
+            return None
+        first = self.dir / "step_0.json"
+        base = json.loads(first.read_text()) if first.exists() and step != 0 else None
+        meta = {
+            "model": self.cfg.model.path,
+            "step": step,
+            "base": "the same model before fine-tuning (step 0)" if base else None,
+            "tasks": self.names,
+            "num_fewshot": self.cfg.eval.num_fewshot,
+            "limit": self.cfg.eval.max_items,
+        }
+        return write_report(self.dir, json.loads(last.read_text()), base=base, meta=meta)
+
+
+# ------------------------------------------------------------------ classification
+
+
+@partial(jax.jit, static_argnums=0)  # graphdef is hashable: one compile per shape, per run
+def _classifier_logits(graphdef, params, frozen, ids, mask):
+    return nnx.merge(graphdef, params, frozen)(ids, mask)
+
+
+def classifier_metrics(graphdef, params, frozen, dataset, batch_size: int, max_batches=None):
+    """Held-out loss, accuracy and macro-F1 of a sequence classifier.
+
+    Args:
+      graphdef / params / frozen: the split classifier.
+      dataset: a classification ``TokenizedDataset`` (``labels`` int [N]).
+      batch_size: rows per forward pass.
+      max_batches: cap on batches (``train.max_eval_batches``); None = the whole split.
+
+    Returns:
+      ``{"eval/loss", "eval/accuracy", "eval/macro_f1", "eval/n"}`` plus, under
+      ``"confusion"``, the [K, K] confusion matrix (rows = gold).
+    """
+    from jaxtune.data import BatchIterator
+    from jaxtune.eval.classification import classification_metrics
+
+    it = BatchIterator(dataset, batch_size, shuffle=False, drop_remainder=False, num_epochs=1)
+    logits, gold = [], []
+    for i, batch in enumerate(it):
+        if max_batches and i >= max_batches:
+            break
+        keep = batch["labels"] >= 0
+        out = _classifier_logits(
+            graphdef, params, frozen, batch["input_ids"], batch["attention_mask"]
+        )
+        out = np.asarray(out)
+        logits.append(out[keep])
+        gold.append(batch["labels"][keep])
+    logits_np, gold_np = np.concatenate(logits), np.concatenate(gold)
+    logp = jax.nn.log_softmax(jnp.asarray(logits_np, jnp.float32), axis=-1)
+    loss = float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(gold_np)[:, None], axis=-1)))
+    m = classification_metrics(logits_np.argmax(-1), gold_np, logits_np.shape[-1])
+    return {
+        "eval/loss": loss,
+        "eval/accuracy": float(m["accuracy"]),
+        "eval/macro_f1": float(m["macro_f1"]),
+        "eval/n": int(m["n"]),
+        "confusion": m["confusion"],
+    }
