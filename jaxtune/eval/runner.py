@@ -166,7 +166,7 @@ def run_tasks(
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, dict]:
-    """Runs evaluation tasks; the trainer and ``jaxtune eval`` both call this.
+    """Runs evaluation tasks (``jaxtune eval``; the trainer loads once and scores often).
 
     Args:
       model: a causal LM (``jaxtune.from_pretrained(...)``, or the model being trained).
@@ -194,7 +194,7 @@ def run_tasks(
     """
     names = parse_tasks(tasks)
     if max_len is None:
-        max_len = min(2048, int(getattr(model.config, "max_position_embeddings", 2048) or 2048))
+        max_len = default_max_len(model)
     loaded = load_tasks(names, limit=limit, num_fewshot=num_fewshot, seed=seed, eval_data=eval_data)
     return score_tasks(
         model,
@@ -208,6 +208,11 @@ def run_tasks(
         out_dir=out_dir,
         log=log,
     )
+
+
+def default_max_len(model) -> int:
+    """Token budget per scored sequence: min(2048, the model's max positions)."""
+    return min(2048, int(getattr(model.config, "max_position_embeddings", 2048) or 2048))
 
 
 def load_tasks(

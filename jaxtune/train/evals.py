@@ -110,11 +110,11 @@ class TaskEvals:
     def run(self, step: int, params, frozen, log=print) -> dict[str, float]:
         """Scores every task on the current weights; returns flat ``tasks/...`` metrics."""
         from jaxtune.eval.generate import SamplingConfig
-        from jaxtune.eval.runner import score_tasks
+        from jaxtune.eval.runner import default_max_len, score_tasks
 
         model = nnx.merge(self.graphdef, params, frozen)
         cfg = self.cfg
-        max_len = min(2048, int(getattr(model.config, "max_position_embeddings", 2048) or 2048))
+        max_len = default_max_len(model)
         results = score_tasks(
             model,
             self.tokenizer,
