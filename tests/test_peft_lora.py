@@ -201,3 +201,38 @@ def test_adapter_method_cannot_export_to_peft_or_merge(tmp_path):
     with pytest.raises(ConfigError, match="cannot be merged"):
         merged_copy(model)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.5])
+def test_dropout_mask_statistics(rate):
+    from jaxtune.models.layers import dropout
+
+    x = jnp.ones((4, 128, 256), jnp.float32)
+    y = np.asarray(dropout(x, rate, jax.random.key(3)))
+    keep = y != 0
+    # Binomial(131072, 1 - rate): 5 standard deviations.
+    sd = np.sqrt(rate * (1 - rate) / keep.size)
+    assert abs((1 - keep.mean()) - rate) < 5 * sd
+    np.testing.assert_allclose(np.unique(y[keep]), [1 / (1 - rate)], rtol=1e-6)
+    k = keep.astype(np.float64)
+    for a, b in [(k[..., 1:], k[..., :-1]), (k[:, 1:], k[:, :-1]), (k[1:], k[:-1])]:
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.02  # neighbours independent
+    other = np.asarray(dropout(x, rate, jax.random.key(4))) != 0
+    assert abs(np.corrcoef(k.ravel(), other.ravel())[0, 1]) < 0.02  # keys independent
+    again = np.asarray(dropout(x, rate, jax.random.key(3)))
+    assert np.array_equal(y, again)
+    assert dropout(x, rate, None) is x and dropout(x, 0.0, jax.random.key(3)) is x
+
+
+def test_dropout_mask_does_not_depend_on_sharding():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxtune.models.layers import dropout
+
+    mesh = jax.make_mesh((2, 4), ("a", "b"))
+    x = jnp.arange(8 * 16 * 32, dtype=jnp.float32).reshape(8, 16, 32) + 1
+    whole = np.asarray(jax.jit(lambda v, k: dropout(v, 0.3, k))(x, jax.random.key(7)))
+    spec = NamedSharding(mesh, PartitionSpec("a", None, "b"))
+    fn = jax.jit(lambda v, k: dropout(v, 0.3, k), in_shardings=(spec, None), out_shardings=spec)
+    sharded = fn(jax.device_put(x, spec), jax.random.key(7))
+    assert np.array_equal(np.asarray(sharded), whole)

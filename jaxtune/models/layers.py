@@ -80,6 +80,40 @@ def _lora_matmul_bwd(scale, res, g):
 lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 
 
+def _mix32(x: jax.Array) -> jax.Array:
+    # Wellons' "lowbias32" integer hash: a bijection on uint32 with low output bias.
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout of ``x`` [..., D]; identity when ``rate`` is 0 or ``key`` is None.
+
+    The keep mask is a counter-based hash of each element's (row, column) index and two
+    words drawn from ``key``, not ``jax.random.bernoulli``: threefry over every
+    activation dominated the TPU compile of a LoRA step (75 s vs 31 s for one 8B step
+    at 8 x 256) and its run time, while a hash of the *global* index is as cheap as a
+    few elementwise ops, gives the same mask however the array is sharded, and is
+    exactly reproducible on resume. Masks differ across keys (steps, layers, modules).
+    """
+    if rate <= 0.0 or key is None:
+        return x
+    s0, s1 = (jax.random.bits(key, (2,), jnp.uint32)[i] for i in range(2))
+    *lead, cols = x.shape
+    row = jnp.zeros(lead, jnp.uint32)
+    for axis, n in enumerate(lead):
+        row = row * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, tuple(lead), axis)
+    col = _mix32(jnp.arange(cols, dtype=jnp.uint32) ^ s1)  # [D]
+    bits = _mix32(_mix32(row ^ s0)[..., None] ^ col)  # [..., D]
+    # keep with probability 1 - rate: compare against rate * 2**32 (uint32 threshold).
+    threshold = jnp.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
+    keep = bits >= threshold
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel (+ bias)`` with optional LoRA / DoRA factors.
 
@@ -167,10 +201,7 @@ class Linear(nnx.Module):
         )
 
     def _dropout(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
-        if self.lora_dropout <= 0.0 or rng is None:
-            return x
-        keep = jax.random.bernoulli(rng, 1.0 - self.lora_dropout, x.shape)
-        return jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(x.dtype)
+        return dropout(x, self.lora_dropout, rng)
 
     def _lora_delta(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
         a = self.lora_a[...].astype(x.dtype)

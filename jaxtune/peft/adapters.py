@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import ConfigError
-from jaxtune.models.layers import Linear
+from jaxtune.models.layers import Linear, dropout
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -71,9 +71,7 @@ class BottleneckAdapter(nnx.Module):
         """h: [..., D] -> [..., D] in h's dtype; ``rng`` enables dropout (training)."""
         z = h @ self.down[...].astype(h.dtype) + self.down_bias[...].astype(h.dtype)
         z = ACTIVATIONS[self.activation](z)
-        if self.dropout > 0.0 and rng is not None:
-            keep = jax.random.bernoulli(rng, 1.0 - self.dropout, z.shape)
-            z = jnp.where(keep, z / (1.0 - self.dropout), 0.0).astype(z.dtype)
+        z = dropout(z, self.dropout, rng)
         return h + z @ self.up[...].astype(h.dtype) + self.up_bias[...].astype(h.dtype)
 
 
