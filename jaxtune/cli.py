@@ -338,7 +338,16 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse stops filling the ``overrides`` positional at the first option, so
+    # ``plan cfg --topology v5e:1x1 train.batch_size=4`` would be refused: dotted
+    # overrides that follow options are collected here instead.
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if not a.startswith("-") and "=" in a]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*(args.overrides or []), *late]
+        extra = [a for a in extra if a not in late]
+    if extra:
+        parser.parse_args(argv)  # the usual message and exit code 2
     if args.version:
         from jaxtune import __version__
 

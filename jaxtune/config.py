@@ -57,6 +57,11 @@ class ModelConfig:
         quantization. Needs a PEFT method other than ``full``.
       max_seq_len: longest sequence the model is used with (RoPE tables, KV cache); null =
         the model's own limit.
+      loss_chunk: sequence positions per chunk of the LM cross-entropy: the [B, chunk,
+        vocab] logits are computed, reduced and recomputed in the backward pass one chunk
+        at a time, so a micro-batch's full [B, T, vocab] logits never exist (large
+        vocabularies: Llama 3 128k, Qwen2 152k). null = auto (chunk when those float32
+        logits would exceed 1 GiB); 0 = never chunk.
       preset: architecture preset (e.g. ``llama31_8b``) that ``jaxtune plan`` compiles for
         when ``path`` does not exist yet; training always reads the architecture from
         ``path``.
@@ -70,6 +75,7 @@ class ModelConfig:
     attention: str = "auto"
     quantize: str | None = None
     max_seq_len: int | None = None
+    loss_chunk: int | None = None
     preset: str | None = None
 
 
@@ -348,7 +354,7 @@ _RANGE_GROUPS = {
         peft.adapter_reduction optim.lr optim.eps optim.grad_clip train.steps train.epochs
         train.batch_size train.seq_len train.max_eval_batches eval.max_items
         eval.max_new_tokens eval.batch_size""",
-    ">= 0": """data.split_seed peft.unfreeze_top_layers peft.head_hidden optim.warmup_steps
+    ">= 0": """model.loss_chunk data.split_seed peft.unfreeze_top_layers peft.head_hidden optim.warmup_steps
         optim.weight_decay train.seed train.eval_every train.early_stopping_patience
         checkpoint.every eval.every eval.generate_samples eval.num_fewshot""",
     ">= 1": "data.pad_to_multiple_of train.grad_accum train.log_every checkpoint.keep",

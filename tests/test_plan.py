@@ -125,3 +125,22 @@ def test_every_preset_recipe_is_listed():
     configs = Path(__file__).parent.parent / "configs"
     with_preset = {p.name for p in configs.glob("*.yaml") if "preset:" in p.read_text()}
     assert with_preset == set(RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_accelerator_recipe_fits_its_topology(name, tmp_path):
+    """The real train step of each recipe compiles for its TPU slice and fits its HBM
+    (XLA's TPU compiler on this CPU host; about a minute per recipe)."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "configs" / name
+    _, layers, topology = RECIPES[name]
+    out = tmp_path / "plan.json"
+    assert run_plan(_parse([str(path), "--topology", topology, "--json", str(out)])) == 0
+    p = json.loads(out.read_text())
+    cfg = load_config(path)
+    assert p["fits"] is True and p["scanned"] is True
+    assert p["total_bytes"] <= p["hbm_bytes"] and p["temp_bytes"] > 0
+    assert p["tokens_per_step"] == cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum
+    assert p["num_devices"] == p["mesh"]["data"] * p["mesh"]["fsdp"] * p["mesh"]["tensor"]

@@ -242,3 +242,40 @@ def test_hardware_tables():
     assert hardware.peak_flops(jax.devices()) is None  # CPU: no MFU
     assert hardware.flops_per_token(100, 100) == 600  # full fine-tuning: 6N
     assert hardware.flops_per_token(100, 10) == 4 * 90 + 6 * 10  # LoRA-aware
+
+
+@pytest.mark.parametrize("tied, chunk", [(True, 5), (False, 8)], ids=["tied-pad", "head"])
+def test_chunked_cross_entropy_equals_whole_logits(tied, chunk):
+    """Loss and gradients with the vocab logits made chunk by chunk (remat'd) equal the
+    one-piece loss; 5 does not divide T=16, so the zero-weight padding is exercised."""
+    from jaxtune.peft import apply_peft
+    from jaxtune.train.step import loss_chunk_for, token_loss_sums
+
+    cfg = LlamaConfig.tiny(vocab_size=96, num_layers=1, tie_word_embeddings=tied)
+    model = init_model(cfg, jnp.float32, seed=0)
+    targets = ("q_proj", "v_proj") if tied else ("q_proj", "lm_head")
+    apply_peft(model, PeftConfig(method="lora", rank=2, alpha=4.0, targets=targets), nnx.Rngs(1))
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)  # all weights trained
+    batch = _batch(np.random.default_rng(0), 3, 16, 96, [16, 9, 3])
+
+    def loss(p, chunk):
+        s, w = token_loss_sums(nnx.merge(graphdef, p, frozen), batch, None, chunk=chunk)
+        return s / w
+
+    whole = jax.jit(jax.value_and_grad(lambda p: loss(p, 0)))(params)
+    parts = jax.jit(jax.value_and_grad(lambda p: loss(p, chunk)))(params)
+    np.testing.assert_allclose(parts[0], whole[0], rtol=1e-6)
+    for (path, g), (_, g0) in zip(
+        nnx.to_flat_state(parts[1]), nnx.to_flat_state(whole[1]), strict=True
+    ):
+        np.testing.assert_allclose(
+            g.get_value(), g0.get_value(), rtol=2e-5, atol=1e-7, err_msg=str(path)
+        )
+    # The lowered program really holds [B, chunk, V] logits, never [B, T, V].
+    hlo = jax.jit(lambda p: loss(p, chunk)).lower(params).as_text()
+    assert f"3x{chunk}x96xf32" in hlo and "3x16x96xf32" not in hlo
+    # Auto: one piece while float32 logits stay under 1 GiB, power-of-two chunks above.
+    assert loss_chunk_for(8, 256, 49152, None) == 256
+    assert loss_chunk_for(4, 2048, 128256, None) == 128
+    assert loss_chunk_for(4, 2048, 128256, 0) == 2048
+    assert loss_chunk_for(4, 2048, 128256, 512) == 512

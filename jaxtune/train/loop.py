@@ -272,7 +272,7 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
     if jax.process_index() == 0:
         print(info["text"])
     graphdef, params, frozen = nnx.split(model, filt, ...)
-    loss_sums = loss_sums_for(model)
+    loss_sums = loss_sums_for(model, cfg.model.loss_chunk)
     del model
 
     it = BatchIterator(
@@ -317,7 +317,7 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
         loss_sums=loss_sums,
         batch_ndims={k: (1 if k == "labels" else 2) for k in _CLS_KEYS} if is_cls else None,
     )
-    eval_fn = jax.jit(make_eval_step(graphdef))
+    eval_fn = jax.jit(make_eval_step(graphdef, loss_chunk=cfg.model.loss_chunk))
     val = datasets.get("validation")
     tasks = TaskEvals(cfg, tokenizer, datasets, graphdef, run_dir, n_steps)
 

@@ -26,8 +26,20 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.config import Config, validate_against_devices
-from jaxtune.errors import ConfigError
+from jaxtune.errors import ConfigError, JaxtuneError
 from jaxtune.train.hardware import TOPOLOGY_CHIPS, GiB, chip_for, hbm_bytes_per_device, peak_flops
+
+_ADVICE = (
+    "Try a smaller train.batch_size (with train.grad_accum), model.remat=full, a larger "
+    "mesh.fsdp, or a bigger topology"
+)
+
+
+class DoesNotFit(JaxtuneError):
+    """The compiler itself refused the step for lack of device memory (exit code 1)."""
+
+    exit_code = 1
+
 
 _TOPOLOGY = re.compile(r"^(v\d+[a-z]*):(\d+(?:x\d+){1,2})$")
 
@@ -274,6 +286,7 @@ def plan(
         jit_train_step,
         train_state_shardings,
     )
+    from jaxtune.train.step import loss_sums_for
 
     processes = len({d.process_index for d in devices})
     data, fsdp, tensor = validate_against_devices(cfg, len(devices), processes)
@@ -297,10 +310,23 @@ def plan(
         mesh,
         grad_accum=cfg.train.grad_accum,
         dropout=cfg.peft.dropout > 0,
+        loss_sums=loss_sums_for(model, cfg.model.loss_chunk),
     )
     t = cfg.train
     batch = abstract_batch(t.batch_size, t.seq_len, t.grad_accum)
-    compiled = step_fn.lower(abstract_state(params, opt_state), frozen, batch).compile()
+    lowered = step_fn.lower(abstract_state(params, opt_state), frozen, batch)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        # TPU compilers stop at buffer assignment when the step cannot fit; that is the
+        # answer `plan` is asked for, not a crash.
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        why = str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+        raise DoesNotFit(
+            f"the train step does not fit {target} ({len(devices)} x "
+            f"{devices[0].device_kind}): {why} {_ADVICE}"
+        ) from None
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -378,7 +404,6 @@ def format_plan(p: Plan) -> str:
     else:
         lines.append(
             f"fits        NO: needs {_gib(p.total_bytes)} per device, the chip has "
-            f"{_gib(p.hbm_bytes)}. Try a smaller train.batch_size (with train.grad_accum), "
-            "model.remat=full, a larger mesh.fsdp, or a bigger topology"
+            f"{_gib(p.hbm_bytes)}. {_ADVICE}"
         )
     return "\n".join(lines)
