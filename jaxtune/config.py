@@ -50,7 +50,10 @@ class ModelConfig:
         compiles, stacked parameters).
       remat: activation rematerialisation per layer: ``none``, ``dots`` (save matmul
         outputs only) or ``full`` (recompute everything in the backward pass).
-      attention: attention kernel; ``auto`` picks cuDNN flash attention on GPU, XLA elsewhere.
+      attention: attention kernel: ``flash`` (jaxtune's memory-efficient attention in
+        plain JAX: only the output and log-sum-exp are kept for the backward pass, keys
+        in blocks of 512), ``xla`` / ``cudnn`` (``jax.nn.dot_product_attention``), or
+        ``auto``: cuDNN (or XLA) on GPU, ``flash`` on CPU and TPU.
       quantize: store the frozen kernels of the linear layers in the layer stack
         quantized (QLoRA-style; embeddings, norms and LM head stay in ``dtype``):
         ``nf4`` (4-bit NormalFloat, absmax per block of 64) or ``int8``; null = no
@@ -334,7 +337,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPES,
     "model.compute_dtype": DTYPES,
     "model.remat": ("none", "dots", "full"),
-    "model.attention": ("auto", "xla", "cudnn"),
+    "model.attention": ("auto", "flash", "xla", "cudnn"),
     "model.quantize": ("int8", "nf4"),
     "data.format": FORMATS,
     "data.truncation_side": ("right", "left"),
