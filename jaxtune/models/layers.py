@@ -46,39 +46,41 @@ def lead_axes(lead: Sequence[int]) -> Axes:
     return ("layers",) * len(lead)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def lora_matmul(x: jax.Array, kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float):
-    """``x @ kernel + scale * (x @ a) @ b`` with a hand-written backward pass.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def lora_matmul(
+    x: jax.Array, xd: jax.Array, kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float
+):
+    """``x @ kernel + scale * (xd @ a) @ b`` with a hand-written backward pass.
 
-    x: [..., in]; kernel: [in, out]; a: [in, R]; b: [R, out] -> [..., out].
+    x: [M, in]; xd: [M, in], x after LoRA dropout (or x itself); kernel: [in, out];
+    a: [in, R]; b: [R, out] -> [M, out].
 
     Why: left to autodiff, XLA on CPU lays the rank-R backward out badly: it scales the
-    full [..., out] cotangent, and it materialises transposed copies of the [..., in]
+    full [M, out] cotangent, and it materialises transposed copies of the [M, in]
     activations to contract them over the token axis (measured: ~30% of a LoRA step on
-    the bench-tiny Llama). Here the scale lands on the small [..., R] intermediate, and
-    the factor gradients contract token-major operands (``gh^T @ x``, ``h^T @ g``),
+    the bench-tiny Llama). Here the scale lands on the small [M, R] intermediate, and
+    the factor gradients contract token-major operands (``gh^T @ xd``, ``h^T @ g``),
     whose transposes are rank-sized. The kernel's gradient is written out too, so a
-    trainable base weight stays correct; XLA drops it when the kernel is frozen.
+    trainable base weight stays correct; XLA drops it when the kernel is frozen. The
+    dropout itself stays outside (autodiff carries ``xd``'s cotangent through it).
     """
-    return x @ kernel + ((x @ a) * scale) @ b
+    return x @ kernel + ((xd @ a) * scale) @ b
 
 
-def _lora_matmul_fwd(x, kernel, a, b, scale):
-    h = (x @ a) * scale  # [..., R]
-    return x @ kernel + h @ b, (x, kernel, a, b, h)
+def _lora_matmul_fwd(x, xd, kernel, a, b, scale):
+    h = (xd @ a) * scale  # [M, R]
+    return x @ kernel + h @ b, (x, xd, kernel, a, b, h)
 
 
 def _lora_matmul_bwd(scale, res, g):
-    x, kernel, a, b, h = res
-    gh = (g @ b.T) * scale  # [..., R]
-    dx = g @ kernel.T + gh @ a.T
-    x2 = x.reshape(-1, x.shape[-1])  # tokens-major [M, in]
-    g2 = g.reshape(-1, g.shape[-1])  # [M, out]
-    gh2 = gh.reshape(-1, gh.shape[-1])  # [M, R]
-    dkernel = x2.T @ g2
-    da = (gh2.T @ x2).T
-    db = h.reshape(-1, h.shape[-1]).T @ g2
-    return dx, dkernel.astype(kernel.dtype), da.astype(a.dtype), db.astype(b.dtype)
+    x, xd, kernel, a, b, h = res
+    gh = (g @ b.T) * scale  # [M, R]
+    dx = g @ kernel.T
+    dxd = gh @ a.T
+    dkernel = x.T @ g
+    da = (gh.T @ xd).T
+    db = h.T @ g
+    return dx, dxd, dkernel.astype(kernel.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 
 lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
@@ -188,10 +190,11 @@ class Linear(nnx.Module):
             matmul = lambda v: v @ kernel  # noqa: E731
         if self.dora_m is not None:
             return self._dora(x, matmul, rng)
-        if self._fused_lora(rng):
+        if self._fused_lora():
             a = self.lora_a[...].astype(x.dtype)
             b = self.lora_b[...].astype(x.dtype)
-            y = lora_matmul(x, kernel, a, b, float(self.lora_scale))
+            xd = self._dropout(x, rng)
+            y = lora_matmul(x, xd, kernel, a, b, float(self.lora_scale))
         else:
             y = matmul(x)
             if self.lora_a is not None:
@@ -200,15 +203,14 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(x.dtype)
         return y
 
-    def _fused_lora(self, rng: jax.Array | None) -> bool:
-        # The hand-written backward of ``lora_matmul`` covers one dense 2-D kernel and
-        # no active dropout; everything else takes the plain autodiff path.
+    def _fused_lora(self) -> bool:
+        # The hand-written backward of ``lora_matmul`` covers one dense 2-D kernel (with
+        # or without dropout); everything else takes the plain autodiff path.
         return (
             self.lora_a is not None
             and not isinstance(self.kernel, QuantizedKernel)
             and self.kernel[...].ndim == 2
             and self.lora_a[...].ndim == 2
-            and (self.lora_dropout <= 0.0 or rng is None)
         )
 
     def _dropout(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
