@@ -114,6 +114,29 @@ def test_early_stopping_watches_a_task_metric(root):
     assert out["steps"] == 4 and out["stop_reason"].startswith("early stopping")
 
 
+def test_early_stopping_state_survives_a_resume(root):
+    # Patience 2, evals every 2 steps, a metric that cannot improve: the uninterrupted
+    # run stops at step 6 (best at 2, worse at 4 and 6). Interrupted after step 4, the
+    # resumed run must remember the best and the one bad evaluation and stop at 6 too.
+    def cfg(name):
+        return _cfg(
+            root,
+            name,
+            train="{steps: 10, batch_size: 8, seq_len: 32, early_stopping_patience: 2, "
+            "early_stopping_metric: tasks/mc/acc}",
+            optim="{lr: 1e-9, schedule: constant}",  # acc cannot improve
+            eval=f"{{tasks: [{root / 'mc.jsonl'}], every: 2, at_start: false, batch_size: 8}}",
+            checkpoint="{async_save: false}",
+        )
+
+    whole = train(cfg("es_whole"))
+    assert whole["steps"] == 6 and whole["stop_reason"].startswith("early stopping")
+    part = cfg("es_part")
+    assert train(part, stop_after=4)["steps"] == 4
+    resumed = train(part)
+    assert resumed["steps"] == 6 and resumed["stop_reason"] == whole["stop_reason"]
+
+
 # ------------------------------------------------------------------ classification
 
 

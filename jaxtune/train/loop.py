@@ -296,12 +296,16 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
         async_save=cfg.checkpoint.async_save,
     )
     start_step = 0
+    # Early stopping's memory travels in the checkpoint, so a resumed run stops exactly
+    # where the uninterrupted one would.
+    watch = {"best": None, "bad_evals": 0, "last_eval": None}
     if resume and ckpt.latest_step() is not None:
         start_step = ckpt.latest_step()
         # Restored straight into the live shardings: a run saved on another mesh or
         # device count resumes here unchanged.
-        params, opt_state, data_state, _ = ckpt.restore(start_step, params, opt_state)
+        params, opt_state, data_state, meta = ckpt.restore(start_step, params, opt_state)
         it.restore(data_state)
+        watch.update(meta.get("watch", {}))
         if jax.process_index() == 0:
             print(f"resumed {run_dir} at step {start_step}")
     state = make_state(start_step, params, opt_state, cfg.train.seed, mesh)
@@ -340,14 +344,12 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
         # holds the buffers, and XLA then declines to donate them), so the next step
         # donating ``state`` can never change what is being written.
         if saved["step"] != step_no:
-            ckpt.save(
-                step_no, state["params"], state["opt_state"], it.state(), {"step": step_no}, metrics
-            )
+            meta = {"step": step_no, "watch": dict(watch)}  # a copy: saves may be async
+            ckpt.save(step_no, state["params"], state["opt_state"], it.state(), meta, metrics)
             saved["step"] = step_no
 
     nonfinite = None
     stop_reason = "completed"
-    best, bad_evals, last_eval = None, 0, None
     lead = 0 if cfg.train.grad_accum == 1 else 1
     watched = cfg.train.early_stopping_metric
     if tasks.due(start_step) and start_step == 0:
@@ -384,6 +386,7 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
             ev = evaluate(state["params"])
             row.update(ev)
             evaluated = True
+            last_eval = watch["last_eval"]
             if (
                 last_eval is not None
                 and ev["eval/loss"] > last_eval[0]
@@ -393,16 +396,16 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
                     f"validation loss rose ({last_eval[0]:.4f} -> {ev['eval/loss']:.4f}) while "
                     "training loss fell: the model may be overfitting"
                 )
-            last_eval = (ev["eval/loss"], row["loss"])
+            watch["last_eval"] = [float(ev["eval/loss"]), row["loss"]]
         if tasks.due(step + 1):
             row.update(tasks.run(step + 1, state["params"], frozen))
             evaluated = True
         metric = row.get(watched) if evaluated else None
         if metric is not None:
-            if improved(watched, metric, best):
-                best, bad_evals = metric, 0
+            if improved(watched, metric, watch["best"]):
+                watch.update(best=float(metric), bad_evals=0)
             else:
-                bad_evals += 1
+                watch["bad_evals"] += 1
         logger.log(row)
         every = cfg.checkpoint.every
         if every and (step + 1) % every == 0:
@@ -410,7 +413,8 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
         if stop_after is not None and step + 1 >= stop_after and step + 1 < n_steps:
             stop_reason = f"stopped after step {step + 1}"
             break
-        if cfg.train.early_stopping_patience and bad_evals >= cfg.train.early_stopping_patience:
+        patience = cfg.train.early_stopping_patience
+        if patience and watch["bad_evals"] >= patience:
             stop_reason = f"early stopping: {cfg.train.early_stopping_metric} did not improve"
             break
     final_step = int(jax.device_get(state["step"]))
