@@ -1,0 +1,365 @@
+"""Run-config schema: the frozen dataclasses of every section, allowed values, ranges.
+
+Loading, overrides and validation live in :mod:`jaxtune.config` (which re-exports all of
+this); the Markdown reference is rendered from these docstrings by
+:mod:`jaxtune.config_reference`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxtune.data.config import FORMATS, DataConfig
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The pretrained model and how its weights are stored and computed.
+
+    Attributes:
+      path: Hugging Face model directory (safetensors), ``.gguf`` file, or jaxtune
+        checkpoint / run directory.
+      dtype: storage dtype of the parameters.
+      compute_dtype: dtype of activations and matmuls; null = same as ``dtype``.
+      scan_layers: run the decoder layers with ``nnx.scan`` (one compiled layer; faster
+        compiles, stacked parameters).
+      remat: activation rematerialisation per layer: ``none``, ``dots`` (save matmul
+        outputs only) or ``full`` (recompute everything in the backward pass).
+      attention: attention kernel: ``flash`` (jaxtune's memory-efficient attention in
+        plain JAX: only the output and log-sum-exp are kept for the backward pass, keys
+        in blocks of 512), ``xla`` / ``cudnn`` (``jax.nn.dot_product_attention``), or
+        ``auto``: cuDNN (or XLA) on GPU, ``flash`` on CPU and TPU.
+      quantize: store the frozen kernels of the linear layers in the layer stack
+        quantized (QLoRA-style; embeddings, norms and LM head stay in ``dtype``):
+        ``nf4`` (4-bit NormalFloat, absmax per block of 64) or ``int8``; null = no
+        quantization. Needs a PEFT method other than ``full``.
+      max_seq_len: longest sequence the model is used with (RoPE tables, KV cache); null =
+        the model's own limit.
+      loss_chunk: sequence positions per chunk of the LM cross-entropy: the [B, chunk,
+        vocab] logits are computed, reduced and recomputed in the backward pass one chunk
+        at a time, so a micro-batch's full [B, T, vocab] logits never exist (large
+        vocabularies: Llama 3 128k, Qwen2 152k). null = auto (chunk when those float32
+        logits would exceed 1 GiB); 0 = never chunk.
+      preset: architecture preset (e.g. ``llama31_8b``) that ``jaxtune plan`` compiles for
+        when ``path`` does not exist yet; training always reads the architecture from
+        ``path``.
+    """
+
+    path: str | None = None
+    dtype: str = "float32"
+    compute_dtype: str | None = None
+    scan_layers: bool = True
+    remat: str = "none"
+    attention: str = "auto"
+    quantize: str | None = None
+    max_seq_len: int | None = None
+    loss_chunk: int | None = None
+    preset: str | None = None
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """What is trained: the whole model, LoRA/DoRA factors, bottleneck adapters or a head.
+
+    Attributes:
+      method: ``full`` fine-tuning, ``lora``, ``dora``, bottleneck ``adapter``, or ``feature``
+        (train only a head on the frozen backbone's features).
+      rank: LoRA/DoRA rank.
+      alpha: LoRA/DoRA scale numerator (scale = alpha / rank); required for lora and dora.
+      dropout: dropout on the LoRA input (and inside adapters).
+      targets: module names to adapt, e.g. ``[q_proj, v_proj]`` (a comma-separated string
+        works too); ``all-linear`` = every linear layer except the LM head.
+      rslora: rank-stabilised scale alpha / sqrt(rank) instead of alpha / rank.
+      adapter_size: bottleneck width of adapters; null = hidden size / ``adapter_reduction``.
+      adapter_reduction: hidden size / bottleneck width when ``adapter_size`` is null.
+      adapter_placement: ``houlsby`` (after attention and MLP) or ``pfeiffer`` (after MLP).
+      adapter_activation: nonlinearity inside the adapter bottleneck.
+      unfreeze: extra parameters to train besides the method's own: named groups
+        (``norms``, ``biases``, ``lm_head``, ``embeddings``) or regexes over parameter paths.
+      unfreeze_top_layers: also train every parameter of the top N decoder layers.
+      head: ``lm`` (next-token prediction) or ``classification`` (a new head on pooled
+        features).
+      num_labels: classes of the classification head; null = from ``data.labels`` or data.
+      pooling: how a sequence becomes one feature vector: ``cls`` (first token), ``mean``
+        (over non-padding tokens), ``last`` (last non-padding token) or ``pooler`` (BERT's
+        pretrained ``tanh(dense(CLS))``, as ``BertForSequenceClassification`` reads it).
+      feature_layer: hidden-state layer the head reads (-1 = final, after the last norm).
+      head_hidden: 0 = a linear head, else the hidden size of a two-layer MLP head.
+    """
+
+    method: str = "lora"
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    rslora: bool = False
+    adapter_size: int | None = None
+    adapter_reduction: int = 16
+    adapter_placement: str = "houlsby"
+    adapter_activation: str = "gelu"
+    unfreeze: tuple[str, ...] = ()
+    unfreeze_top_layers: int = 0
+    head: str = "lm"
+    num_labels: int | None = None
+    pooling: str = "last"
+    feature_layer: int = -1
+    head_hidden: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule (an optax chain; frozen leaves are masked out).
+
+    Attributes:
+      name: ``adamw``, ``adafactor``, ``sgd`` (with momentum) or ``lion``.
+      lr: peak learning rate.
+      schedule: decay after warmup: ``constant``, ``linear`` or ``cosine``.
+      warmup_steps: linear warmup from 0 to ``lr`` over this many optimizer steps.
+      warmup_ratio: warmup as a fraction of the total steps (instead of ``warmup_steps``).
+      min_lr_ratio: the schedule decays to ``lr * min_lr_ratio``.
+      weight_decay: decoupled weight decay (not applied to biases, norms and embeddings).
+      b1: first-moment decay (adamw, lion).
+      b2: second-moment decay (adamw, lion).
+      eps: adamw epsilon.
+      momentum: sgd momentum.
+      grad_clip: clip gradients to this global norm; null = no clipping.
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9
+    grad_clip: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Length of the run, batch shape, and the host loop's cadences.
+
+    Attributes:
+      steps: number of optimizer steps (set exactly one of ``steps`` and ``epochs``).
+      epochs: passes over the training split, may be fractional.
+      batch_size: global examples per forward/backward pass, summed over all devices; one
+        optimizer step sees ``batch_size * grad_accum`` examples.
+      seq_len: tokens per row (longer examples are truncated, shorter ones padded/packed).
+      seed: the run seed; every random stream (init, dropout, data order) derives from it.
+      grad_accum: micro-batches accumulated per optimizer step.
+      eval_every: compute the validation loss every N steps (0 = never during training).
+      log_every: log metrics every N steps.
+      early_stopping_patience: stop after N evaluations without improvement (0 = off).
+      early_stopping_metric: metric watched by early stopping (lower is better for losses).
+      resume: continue from the latest checkpoint in ``run.dir`` if there is one.
+      overwrite: delete an existing ``run.dir`` first (takes precedence over ``resume``).
+      max_eval_batches: cap on validation batches per evaluation; null = the whole split.
+    """
+
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    seq_len: int = 512
+    seed: int = 0
+    grad_accum: int = 1
+    eval_every: int = 0
+    log_every: int = 1
+    early_stopping_patience: int = 0
+    early_stopping_metric: str = "eval/loss"
+    resume: bool = True
+    overwrite: bool = False
+    max_eval_batches: int | None = None
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ``(data, fsdp, tensor)``; the product must equal the device count.
+
+    Attributes:
+      data: data-parallel replicas (-1 = all devices not used by the other axes).
+      fsdp: parameter/optimizer-state sharding degree; the batch is also split over it.
+      tensor: tensor-parallel degree (shards heads and MLP width).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints in ``run.dir``.
+
+    Attributes:
+      every: save every N optimizer steps (0 = only at the end).
+      keep: number of most recent checkpoints kept.
+      keep_best: also keep the checkpoint with the best ``best_metric``.
+      best_metric: metric that ranks checkpoints for ``keep_best``.
+      best_mode: ``min`` or ``max``: whether lower or higher ``best_metric`` is better.
+      async_save: write checkpoints in the background while training continues.
+      save_full: save the whole state; null = adapters + optimizer only for PEFT runs, the
+        full state for full fine-tuning.
+    """
+
+    every: int = 0
+    keep: int = 3
+    keep_best: bool = False
+    best_metric: str = "eval/loss"
+    best_mode: str = "min"
+    async_save: bool = True
+    save_full: bool | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation tasks run during and after training (and by ``jaxtune eval``).
+
+    Attributes:
+      tasks: evaluation task names (e.g. ``[perplexity, hellaswag]``).
+      every: run the tasks every N steps (0 = not during training).
+      max_items: cap on items per task; null = all.
+      at_end: run the tasks after the last step.
+      at_start: also run them before the first step, for a before/after table
+        (``eval/eval_report.md`` in the run directory).
+      num_fewshot: solved examples before each multiple-choice question.
+      batch_size: scored (item, choice) rows per forward pass.
+      generate_samples: validation prompts to generate answers for in the report.
+      max_new_tokens: generation length for samples and generative tasks.
+    """
+
+    tasks: tuple[str, ...] = ()
+    every: int = 0
+    max_items: int | None = None
+    at_end: bool = True
+    at_start: bool = True
+    num_fewshot: int = 0
+    batch_size: int = 32
+    generate_samples: int = 3
+    max_new_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go besides ``metrics.jsonl`` in the run directory.
+
+    Attributes:
+      progress: show a progress bar with loss, lr and tokens/s.
+      tensorboard: write TensorBoard event files to ``run.dir``.
+      wandb: log to Weights & Biases (needs the ``wandb`` package).
+      wandb_project: W&B project name; null = W&B's default.
+    """
+
+    progress: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run directory (resolved config, metrics, checkpoints, reports).
+
+    Attributes:
+      dir: run directory.
+      name: display name (logs, W&B); null = the last part of ``dir``.
+    """
+
+    dir: str = "runs/default"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A complete, validated run configuration.
+
+    Attributes:
+      model: the pretrained model.
+      data: datasets and tokenization.
+      peft: what is trained.
+      optim: optimizer and schedule.
+      train: run length, batch shape, cadences.
+      mesh: device mesh.
+      checkpoint: checkpointing.
+      eval: evaluation tasks.
+      logging: metric sinks.
+      run: the run directory.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+DTYPES = ("float32", "bfloat16", "float16")
+PEFT_METHODS = ("full", "lora", "dora", "adapter", "feature")
+UNFREEZE_GROUPS = ("norms", "biases", "lm_head", "embeddings")
+
+# Allowed values per dotted key (null is always allowed where the type is optional).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": DTYPES,
+    "model.compute_dtype": DTYPES,
+    "model.remat": ("none", "dots", "full"),
+    "model.attention": ("auto", "flash", "xla", "cudnn"),
+    "model.quantize": ("int8", "nf4"),
+    "data.format": FORMATS,
+    "data.truncation_side": ("right", "left"),
+    "peft.method": PEFT_METHODS,
+    "peft.adapter_placement": ("houlsby", "pfeiffer"),
+    "peft.adapter_activation": ("gelu", "relu", "silu", "tanh"),
+    "peft.head": ("lm", "classification"),
+    "peft.pooling": ("cls", "mean", "last", "pooler"),
+    "optim.name": ("adamw", "adafactor", "sgd", "lion"),
+    "optim.schedule": ("constant", "linear", "cosine"),
+    "checkpoint.best_mode": ("min", "max"),
+}
+
+# Numeric ranges per dotted key: "> x", ">= x", or an interval "[a, b)" / "[a, b]".
+_RANGE_GROUPS = {
+    "> 0": """model.max_seq_len data.max_examples peft.rank peft.alpha peft.adapter_size
+        peft.adapter_reduction optim.lr optim.eps optim.grad_clip train.steps train.epochs
+        train.batch_size train.seq_len train.max_eval_batches eval.max_items
+        eval.max_new_tokens eval.batch_size""",
+    ">= 0": """model.loss_chunk data.split_seed peft.unfreeze_top_layers peft.head_hidden optim.warmup_steps
+        optim.weight_decay train.seed train.eval_every train.early_stopping_patience
+        checkpoint.every eval.every eval.generate_samples eval.num_fewshot""",
+    ">= 1": "data.pad_to_multiple_of train.grad_accum train.log_every checkpoint.keep",
+    ">= 2": "peft.num_labels",
+    "[0, 1)": """data.validation_fraction data.test_fraction peft.dropout optim.warmup_ratio
+        optim.b1 optim.b2 optim.momentum""",
+    "[0, 1]": "optim.min_lr_ratio",
+}
+RANGES: dict[str, str] = {k: spec for spec, ks in _RANGE_GROUPS.items() for k in ks.split()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The config as plain nested dicts and lists (YAML/JSON-ready), every key present."""
+    return {
+        name: {f.name: _plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
+        for name, section in ((n, getattr(cfg, n)) for n in SECTIONS)
+    }
