@@ -39,7 +39,7 @@ from jaxtune.models.layers import (
     rope_cos_sin,
     rope_inv_freq,
 )
-from jaxtune.models.llama import attention_mask_for, run_layers
+from jaxtune.models.llama import DecoderLM, causal_layout, run_layers
 
 ACTIVATIONS = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -299,7 +299,7 @@ class Block(nnx.Module):
         return x + h, kv
 
 
-class GemmaForCausalLM(nnx.Module):
+class GemmaForCausalLM(DecoderLM, nnx.Module):
     """Decoder-only LM. ``model(input_ids, attention_mask=None) -> logits [B, T, V]``."""
 
     config_class = GemmaConfig
@@ -361,29 +361,14 @@ class GemmaForCausalLM(nnx.Module):
           [B, T, D], or ([B, T, D], new cache) when a cache is given.
         """
         cfg = self.config
-        b, t = input_ids.shape
         dtype = self.compute_dtype or self.embed_tokens.embedding.dtype
         # HF multiplies by sqrt(D) already rounded to the compute dtype (bf16: 48.0 for
         # D=2304 but 55.5 for D=3072); doing the same keeps low-precision parity.
         x = self.embed_tokens(input_ids, dtype) * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
-        start = 0 if cache_index is None else cache_index
-        q_index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        q_index, mask_fn = causal_layout(input_ids, attention_mask, segment_ids, cache, cache_index)
         if positions is None:
             positions = q_index
         cos, sin = self._rope(positions)
-        if cache is not None:
-            s = cache["k"].shape[2]
-            kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        else:
-            kv_index = q_index
-        kv_valid = attention_mask
-        if cache is not None:
-            filled = kv_index < start + t
-            kv_valid = filled if kv_valid is None else (kv_valid > 0) & filled
-
-        def mask_fn(window):
-            return attention_mask_for(q_index, kv_index, kv_valid, segment_ids, window)
-
         rope_ids = None if cfg.rope_ids is None else jnp.asarray(cfg.rope_ids, jnp.int32)
         x, cache = run_layers(
             self.layers, cfg, x, cos, sin, mask_fn, cache, cache_index, rng, rope_ids=rope_ids
@@ -391,27 +376,7 @@ class GemmaForCausalLM(nnx.Module):
         x = self.norm(x)
         return x if cache is None else (x, cache)
 
-    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
-        """h: [B, T, D] -> float32 logits [B, T, V] (soft-capped for Gemma 2)."""
-        if self.lm_head is None:
-            logits = self.embed_tokens.attend(h).astype(jnp.float32)
-        else:
-            logits = self.lm_head(h).astype(jnp.float32)
+    def cap_logits(self, logits: jax.Array) -> jax.Array:
+        """Gemma 2's final soft-capping of the logits (identity when not configured)."""
         cap = self.config.final_logit_softcapping
-        if cap:
-            logits = jnp.tanh(logits / cap) * cap
-        return logits
-
-    def __call__(self, input_ids, attention_mask=None, **kw):
-        """int [B, T] -> float32 logits [B, T, V] (and the new cache if one is given)."""
-        out = self.hidden_states(input_ids, attention_mask, **kw)
-        if isinstance(out, tuple):
-            return self.logits_from_hidden(out[0]), out[1]
-        return self.logits_from_hidden(out)
-
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """Zeroed KV cache ``{"k", "v"}``, each [L, B, max_len, K, H]."""
-        cfg = self.config
-        dtype = dtype or self.compute_dtype or self.embed_tokens.embedding.dtype
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return jnp.tanh(logits / cap) * cap if cap else logits

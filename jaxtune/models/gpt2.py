@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.models.layers import Embed, LayerNorm, Linear, dot_product_attention, param
-from jaxtune.models.llama import attention_mask_for, run_layers
+from jaxtune.models.llama import DecoderLM, causal_layout, run_layers
 
 # HF ``activation_function`` names. gelu_new / gelu_fast / gelu_pytorch_tanh are the
 # same tanh approximation of GELU; "gelu" is the exact (erf) one.
@@ -225,10 +225,11 @@ class Block(nnx.Module):
         return x + h, kv
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(DecoderLM, nnx.Module):
     """Decoder-only LM. ``model(input_ids, attention_mask=None) -> logits [B, T, V]``."""
 
     config_class = GPT2Config
+    cache_heads_attr = "num_heads"  # no grouped-query attention: the cache holds N heads
 
     def __init__(self, cfg: GPT2Config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         self.config = cfg
@@ -278,46 +279,11 @@ class GPT2LMHeadModel(nnx.Module):
           [B, T, D], or ([B, T, D], new cache) when a cache is given.
         """
         cfg = self.config
-        b, t = input_ids.shape
         dtype = self.compute_dtype or self.embed_tokens.embedding.dtype
-        start = 0 if cache_index is None else cache_index
-        q_index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        q_index, mask_fn = causal_layout(input_ids, attention_mask, segment_ids, cache, cache_index)
         if positions is None:
             positions = q_index
         x = self.embed_tokens(input_ids, dtype) + self.embed_positions(positions, dtype)
-        if cache is not None:
-            s = cache["k"].shape[2]
-            kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        else:
-            kv_index = q_index
-        kv_valid = attention_mask
-        if cache is not None:
-            filled = kv_index < start + t
-            kv_valid = filled if kv_valid is None else (kv_valid > 0) & filled
-
-        def mask_fn(window):
-            return attention_mask_for(q_index, kv_index, kv_valid, segment_ids, window)
-
         x, cache = run_layers(self.layers, cfg, x, None, None, mask_fn, cache, cache_index, rng)
         x = self.norm(x)
         return x if cache is None else (x, cache)
-
-    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
-        """h: [B, T, D] -> float32 logits [B, T, V]."""
-        if self.lm_head is None:
-            return self.embed_tokens.attend(h).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
-
-    def __call__(self, input_ids, attention_mask=None, **kw):
-        """int [B, T] -> float32 logits [B, T, V] (and the new cache if one is given)."""
-        out = self.hidden_states(input_ids, attention_mask, **kw)
-        if isinstance(out, tuple):
-            return self.logits_from_hidden(out[0]), out[1]
-        return self.logits_from_hidden(out)
-
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """Zeroed KV cache ``{"k", "v"}``, each [L, B, max_len, N, H]."""
-        cfg = self.config
-        dtype = dtype or self.compute_dtype or self.embed_tokens.embedding.dtype
-        shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -337,7 +337,71 @@ def run_layers(
     return x, ({"k": kv[0], "v": kv[1]} if cache is not None else None)
 
 
-class LlamaForCausalLM(nnx.Module):
+def causal_layout(input_ids, attention_mask, segment_ids, cache, cache_index):
+    """Token slots and the mask builder of one decoder forward pass (any family).
+
+    Args:
+      input_ids: int [B, T]; attention_mask: int [B, T] or, with a cache, [B, S].
+      segment_ids: int [B, T] packed-example ids or None.
+      cache: ``{"k": [L, B, S, ...], ...}`` or None; cache_index: first slot written.
+
+    Returns:
+      (q_index int [B, T]: each token's slot, also its default position;
+       mask_fn: window -> bool mask [B, 1, T, S]).
+    """
+    b, t = input_ids.shape
+    start = 0 if cache_index is None else cache_index
+    q_index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_valid = attention_mask
+    if cache is None:
+        kv_index = q_index
+    else:
+        s = cache["k"].shape[2]
+        kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        filled = kv_index < start + t  # slots not written yet are not attended to
+        kv_valid = filled if kv_valid is None else (kv_valid > 0) & filled
+
+    def mask_fn(window):
+        return attention_mask_for(q_index, kv_index, kv_valid, segment_ids, window)
+
+    return q_index, mask_fn
+
+
+class DecoderLM:
+    """What every decoder-only LM here shares once ``hidden_states`` is written:
+    logits (tied or separate head), ``__call__`` and the KV cache layout.
+    Expects ``config``, ``embed_tokens``, ``lm_head`` and ``compute_dtype``.
+    """
+
+    cache_heads_attr = "num_kv_heads"  # config field: heads stored in the KV cache
+
+    def cap_logits(self, logits: jax.Array) -> jax.Array:
+        """Family-specific final transform of the float32 logits (identity here)."""
+        return logits
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        """h: [B, T, D] -> float32 logits [B, T, V]."""
+        if self.lm_head is None:
+            return self.cap_logits(self.embed_tokens.attend(h).astype(jnp.float32))
+        return self.cap_logits(self.lm_head(h).astype(jnp.float32))
+
+    def __call__(self, input_ids, attention_mask=None, **kw):
+        """int [B, T] -> float32 logits [B, T, V] (and the new cache if one is given)."""
+        out = self.hidden_states(input_ids, attention_mask, **kw)
+        if isinstance(out, tuple):
+            return self.logits_from_hidden(out[0]), out[1]
+        return self.logits_from_hidden(out)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        """Zeroed KV cache ``{"k", "v"}``, each [L, B, max_len, K, H]."""
+        cfg = self.config
+        dtype = dtype or self.compute_dtype or self.embed_tokens.embedding.dtype
+        heads = getattr(cfg, self.cache_heads_attr)
+        shape = (cfg.num_layers, batch, max_len, heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class LlamaForCausalLM(DecoderLM, nnx.Module):
     """Decoder-only LM. ``model(input_ids, attention_mask=None) -> logits [B, T, V]``."""
 
     config_class = LlamaConfig
@@ -386,52 +450,17 @@ class LlamaForCausalLM(nnx.Module):
           [B, T, D], or ([B, T, D], new cache) when a cache is given.
         """
         cfg = self.config
-        b, t = input_ids.shape
         dtype = self.compute_dtype or self.embed_tokens.embedding.dtype
         x = self.embed_tokens(input_ids, dtype)
-        start = 0 if cache_index is None else cache_index
-        q_index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        q_index, mask_fn = causal_layout(input_ids, attention_mask, segment_ids, cache, cache_index)
         if positions is None:
             positions = q_index
         cos, sin = rope_cos_sin(
             positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
         )
-        if cache is not None:
-            s = cache["k"].shape[2]
-            kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        else:
-            kv_index = q_index
-        kv_valid = attention_mask
-        if cache is not None:
-            filled = kv_index < start + t
-            kv_valid = filled if kv_valid is None else (kv_valid > 0) & filled
-
-        def mask_fn(window):
-            return attention_mask_for(q_index, kv_index, kv_valid, segment_ids, window)
-
         x, cache = run_layers(self.layers, cfg, x, cos, sin, mask_fn, cache, cache_index, rng)
         x = self.norm(x)
         return x if cache is None else (x, cache)
-
-    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
-        """h: [B, T, D] -> float32 logits [B, T, V]."""
-        if self.lm_head is None:
-            return self.embed_tokens.attend(h).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
-
-    def __call__(self, input_ids, attention_mask=None, **kw):
-        """int [B, T] -> float32 logits [B, T, V] (and the new cache if one is given)."""
-        out = self.hidden_states(input_ids, attention_mask, **kw)
-        if isinstance(out, tuple):
-            return self.logits_from_hidden(out[0]), out[1]
-        return self.logits_from_hidden(out)
-
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """Zeroed KV cache ``{"k", "v"}``, each [L, B, max_len, K, H]."""
-        cfg = self.config
-        dtype = dtype or self.compute_dtype or self.embed_tokens.embedding.dtype
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def attention_mask_for(q_index, kv_index, kv_valid, segment_ids, window):
