@@ -68,7 +68,8 @@ def from_pretrained(
       sharding: optional ``(path, abstract variable) -> Sharding`` for sharded loading.
       quantize: ``"int8"`` / ``"nf4"`` stores the linear layers' kernels inside the
         layer stack quantized and frozen (QLoRA; ``jaxtune.quant``), quantized tensor
-        by tensor while loading HF / GGUF weights; None keeps them dense.
+        by tensor while loading HF / GGUF weights; None keeps them dense (a run dir:
+        quantized as the run trained, ``model.quantize`` of its config).
       **config_overrides: execution options of the model config (``remat=...``).
 
     Returns:
@@ -128,8 +129,11 @@ def from_pretrained(
     else:
         from jaxtune.checkpoint import load_run_model
 
-        # The run's adapters stay unmerged on top of the quantized base.
-        return quantize_model(load_run_model(path, dtype=dtype, **opts), quantize)
+        # The run's adapters stay unmerged on top of the base, quantized as in training
+        # unless ``quantize`` asks for a format.
+        if quantize is not None:
+            opts["quantize"] = quantize
+        return load_run_model(path, dtype=dtype, **opts)
     model.source = str(path)
     return model
 

@@ -182,6 +182,10 @@ def load_run_model(run_dir: Path, dtype=None, step: int | None = None, **opts):
         )
         filt = classifier_filter(model, cfg.peft)
     else:
+        # The base as the run trained on it: a QLoRA run's adapters belong on the
+        # quantized kernels (exports dequantize them, so merged weights hold exactly
+        # what the trained model computed).
+        opts.setdefault("quantize", cfg.model.quantize)
         model = from_pretrained(
             cfg.model.path, dtype=dtype or cfg.model.dtype, scan_layers=scan_layers_for(cfg), **opts
         )

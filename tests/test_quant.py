@@ -358,3 +358,31 @@ def test_merged_and_adapter_exports_of_a_quantized_lora_model(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     with pytest.raises(ConfigError, match="dequantize"):
         jaxtune.peft.merge(model)
+
+
+def test_a_qlora_run_reloads_on_its_quantized_base_and_exports_what_it_computes(tmp_path):
+    from jaxtune.train.loop import train
+
+    T.write_tiny_model(tmp_path / "model", hidden=64, layers=2)
+    T.write_reverse_data(tmp_path / "train.jsonl", n=32)
+    cfg = T.write_config(
+        tmp_path / "cfg.yaml",
+        tmp_path / "model",
+        tmp_path / "train.jsonl",
+        tmp_path / "run",
+        model=f"{{path: {tmp_path / 'model'}, quantize: nf4}}",
+        train="{steps: 3, batch_size: 8, seq_len: 32}",
+        checkpoint="{async_save: false}",
+    )
+    from jaxtune.config import load_config
+
+    train(load_config(cfg))
+    run = jaxtune.from_pretrained(tmp_path / "run")
+    assert quant.quant_format(run) == "nf4"  # the base it was trained on
+    ids = np.arange(1, 17, dtype=np.int32)[None]
+    logits = numpy_logits(run, ids)
+    dense = jaxtune.from_pretrained(tmp_path / "run", quantize=None)
+    assert quant.quant_format(dense) == "nf4"  # None = as trained, for a run dir
+    export_merged(run, tmp_path / "merged")
+    merged = jaxtune.from_pretrained(tmp_path / "merged")
+    np.testing.assert_allclose(numpy_logits(merged, ids), logits, atol=1e-4)
