@@ -99,3 +99,36 @@ def token_ids(meta: Meta) -> dict:
         if token_id is not None:
             out[f"{hf_key}_token_id"] = int(token_id)
     return out
+
+
+def decoder_dims(meta: Meta) -> dict:
+    """The shape entries every decoder config needs, checked against what jaxtune runs.
+
+    Returns HF config entries ``vocab_size`` (the embedding's rows; the token list may be
+    shorter), ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+    ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim``.
+    """
+    a = meta.arch
+    hidden = int(meta.require(f"{a}.embedding_length"))
+    n_head = int(meta.require(f"{a}.attention.head_count"))
+    n_kv = meta.get(f"{a}.attention.head_count_kv", n_head)
+    if not isinstance(n_kv, int):
+        raise meta.fail(f"per-layer head_count_kv {n_kv!r} is not supported")
+    head_dim = int(meta.get(f"{a}.attention.key_length", hidden // n_head))
+    if meta.get(f"{a}.attention.value_length", head_dim) != head_dim:
+        raise meta.fail("attention value_length != key_length is not supported")
+    # The graphs jaxtune mirrors rotate the whole head; a partial rotary dim is other math.
+    if meta.get(f"{a}.rope.dimension_count", head_dim) != head_dim:
+        raise meta.fail(f"rope.dimension_count != head_dim ({head_dim}) is not supported")
+    embed = meta.tensors.get("token_embd.weight")
+    if embed is None:
+        raise meta.fail("no token_embd.weight tensor")
+    return {
+        "vocab_size": int(embed.shape[-1]),
+        "hidden_size": hidden,
+        "intermediate_size": int(meta.require(f"{a}.feed_forward_length")),
+        "num_hidden_layers": int(meta.require(f"{a}.block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(n_kv),
+        "head_dim": head_dim,
+    }

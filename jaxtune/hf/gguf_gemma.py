@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxtune.hf.gguf_arch import Arch, Meta, token_ids
+from jaxtune.hf.gguf_arch import Arch, Meta, decoder_dims, token_ids
 
 LOCAL_ROPE_THETA = 10_000.0  # llama.cpp: rope_freq_base_train_swa for gemma3
 SLIDING_WINDOW_PATTERN = 6  # llama.cpp: set_swa_pattern(6); every 6th layer is global
@@ -86,31 +86,13 @@ def _end_of_turn_id(meta: Meta) -> int | None:
 
 def _gemma3_config(meta: Meta) -> dict:
     a = meta.arch
-    hidden = int(meta.require(f"{a}.embedding_length"))
-    n_head = int(meta.require(f"{a}.attention.head_count"))
-    n_kv = meta.get(f"{a}.attention.head_count_kv", n_head)
-    if not isinstance(n_kv, int):
-        raise meta.fail(f"per-layer head_count_kv {n_kv!r} is not supported")
-    head_dim = int(meta.get(f"{a}.attention.key_length", hidden // n_head))
-    if meta.get(f"{a}.attention.value_length", head_dim) != head_dim:
-        raise meta.fail("attention value_length != key_length is not supported")
-    if meta.get(f"{a}.rope.dimension_count", head_dim) != head_dim:
-        raise meta.fail(f"rope.dimension_count != head_dim ({head_dim}) is not supported")
-    embed = meta.tensors.get("token_embd.weight")
-    if embed is None:
-        raise meta.fail("no token_embd.weight tensor")
-    n_layers = int(meta.require(f"{a}.block_count"))
+    dims = decoder_dims(meta)
+    n_layers = dims["num_hidden_layers"]
     theta = float(meta.get(f"{a}.rope.freq_base", 1_000_000.0))
     config = {
         "model_type": "gemma3_text",
         "architectures": ["Gemma3ForCausalLM"],
-        "vocab_size": int(embed.shape[-1]),
-        "hidden_size": hidden,
-        "intermediate_size": int(meta.require(f"{a}.feed_forward_length")),
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": n_head,
-        "num_key_value_heads": int(n_kv),
-        "head_dim": head_dim,
+        **dims,
         "rms_norm_eps": float(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_parameters": {
             "full_attention": _rope(meta, theta),
@@ -119,7 +101,11 @@ def _gemma3_config(meta: Meta) -> dict:
         "sliding_window": int(meta.require(f"{a}.attention.sliding_window")),
         "layer_types": _layer_types(meta, n_layers),
         # llama.cpp's f_attention_scale for gemma3 (the 27B model is the 62-layer one).
-        "query_pre_attn_scalar": hidden // n_head if n_layers == 62 else head_dim,
+        "query_pre_attn_scalar": (
+            dims["hidden_size"] // dims["num_attention_heads"]
+            if n_layers == 62
+            else dims["head_dim"]
+        ),
         "attn_logit_softcapping": meta.get(f"{a}.attn_logit_softcapping"),
         "final_logit_softcapping": meta.get(f"{a}.final_logit_softcapping"),
         "max_position_embeddings": int(meta.get(f"{a}.context_length", 32768)),

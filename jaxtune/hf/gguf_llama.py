@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from jaxtune.hf.gguf_arch import Arch, Meta, dequantize, token_ids
+from jaxtune.hf.gguf_arch import Arch, Meta, decoder_dims, dequantize, token_ids
 
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -110,35 +110,15 @@ def _llama_config(meta: Meta) -> dict:
     if meta.get(f"{a}.expert_count", 0):
         # Mixtral GGUFs say "llama" too; their experts need a different model.
         raise meta.fail("mixture-of-experts GGUF files are not supported")
-    hidden = int(meta.require(f"{a}.embedding_length"))
-    n_head = int(meta.require(f"{a}.attention.head_count"))
-    n_kv = meta.get(f"{a}.attention.head_count_kv", n_head)
-    if not isinstance(n_kv, int):
-        raise meta.fail(f"per-layer head_count_kv {n_kv!r} is not supported")
-    head_dim = int(meta.get(f"{a}.attention.key_length", hidden // n_head))
-    if meta.get(f"{a}.attention.value_length", head_dim) != head_dim:
-        raise meta.fail("attention value_length != key_length is not supported")
-    # llama.cpp's llama graph rotates the whole head; a partial rotary dim means other math.
-    if meta.get(f"{a}.rope.dimension_count", head_dim) != head_dim:
-        raise meta.fail(f"rope.dimension_count != head_dim ({head_dim}) is not supported")
-    embed = meta.tensors.get("token_embd.weight")
-    if embed is None:
-        raise meta.fail("no token_embd.weight tensor")
+    dims = decoder_dims(meta)
     theta = float(meta.get(f"{a}.rope.freq_base", 10000.0))
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        # The embedding rows are what the weights need; the token list can be shorter.
-        "vocab_size": int(embed.shape[-1]),
-        "hidden_size": hidden,
-        "intermediate_size": int(meta.require(f"{a}.feed_forward_length")),
-        "num_hidden_layers": int(meta.require(f"{a}.block_count")),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": int(n_kv),
-        "head_dim": head_dim,
+        **dims,
         "rms_norm_eps": float(meta.require(f"{a}.attention.layer_norm_rms_epsilon")),
         "rope_theta": theta,
-        "rope_parameters": _llama_rope(meta, theta, head_dim),
+        "rope_parameters": _llama_rope(meta, theta, dims["head_dim"]),
         "max_position_embeddings": int(meta.get(f"{a}.context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in meta.tensors,
         "hidden_act": "silu",
