@@ -57,7 +57,11 @@ def build_classifier(cfg, num_labels: int, label_names=None, layer=None) -> Sequ
         dtype=cfg.model.dtype,
         scan_layers=cfg.model.scan_layers and not cfg.peft.unfreeze_top_layers,
         remat=cfg.model.remat,
+        attention_impl=cfg.model.attention,
+        quantize=cfg.model.quantize,
     )
+    if cfg.model.compute_dtype:
+        backbone.compute_dtype = jnp.dtype(cfg.model.compute_dtype)
     apply_peft(backbone, cfg.peft, rngs=nnx.Rngs(cfg.train.seed))
     return SequenceClassifier(
         backbone,

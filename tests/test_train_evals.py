@@ -232,3 +232,18 @@ def test_head_and_format_must_agree(root, cls_data):
     with pytest.raises(ConfigError, match="peft.head"):
         _cls_cfg(root, cls_data, "mismatch", peft="{method: lora, rank: 4, alpha: 8}")
     assert jax.device_count() == 8
+
+
+def test_classifier_backbone_follows_the_model_section(root, cls_data):
+    # model.quantize / attention / compute_dtype reach a classifier's backbone too.
+    from jaxtune import quant
+    from jaxtune.classify import build_classifier
+
+    model = f"{{path: {root / 'model'}, quantize: nf4, attention: xla, compute_dtype: bfloat16}}"
+    cfg = _cls_cfg(root, cls_data, "cls_q", steps=2, model=model)
+    clf = build_classifier(cfg, 2)
+    assert quant.quant_format(clf.backbone) == "nf4"
+    assert clf.backbone.config.attention_impl == "xla"
+    assert clf.backbone.compute_dtype == jax.numpy.bfloat16
+    out = train(cfg)
+    assert out["steps"] == 2 and np.isfinite(out["final_loss"])
