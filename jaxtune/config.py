@@ -51,34 +51,16 @@ from jaxtune.config_schema import (
 )
 from jaxtune.errors import ConfigError
 
+# fmt: off
 __all__ = [
-    "CHOICES",
-    "CheckpointConfig",
-    "Config",
-    "DTYPES",
-    "EvalConfig",
-    "LoggingConfig",
-    "MeshConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "PEFT_METHODS",
-    "PeftConfig",
-    "RANGES",
-    "RunConfig",
-    "SECTIONS",
-    "TrainConfig",
-    "UNFREEZE_GROUPS",
-    "apply_overrides",
-    "config_from_dict",
-    "config_reference_markdown",
-    "config_to_dict",
-    "field_docs",
-    "load_config",
-    "resolve_mesh",
-    "save_config",
-    "validate_against_devices",
+    "CHOICES", "CheckpointConfig", "Config", "DTYPES", "EvalConfig", "LoggingConfig",
+    "MeshConfig", "ModelConfig", "OptimConfig", "PEFT_METHODS", "PeftConfig", "RANGES",
+    "RunConfig", "SECTIONS", "TrainConfig", "UNFREEZE_GROUPS", "apply_overrides",
+    "config_from_dict", "config_reference_markdown", "config_to_dict", "field_docs",
+    "load_config", "resolve_mesh", "save_config", "validate_against_devices",
     "validate_config",
 ]
+# fmt: on
 
 # ------------------------------------------------------------------------------ YAML
 

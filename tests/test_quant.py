@@ -381,8 +381,8 @@ def test_a_qlora_run_reloads_on_its_quantized_base_and_exports_what_it_computes(
     assert quant.quant_format(run) == "nf4"  # the base it was trained on
     ids = np.arange(1, 17, dtype=np.int32)[None]
     logits = numpy_logits(run, ids)
-    dense = jaxtune.from_pretrained(tmp_path / "run", quantize=None)
-    assert quant.quant_format(dense) == "nf4"  # None = as trained, for a run dir
+    as_trained = jaxtune.from_pretrained(tmp_path / "run", quantize=None)
+    assert quant.quant_format(as_trained) == "nf4"  # None = as trained, for a run dir
     export_merged(run, tmp_path / "merged")
     merged = jaxtune.from_pretrained(tmp_path / "merged")
     np.testing.assert_allclose(numpy_logits(merged, ids), logits, atol=1e-4)
