@@ -15,9 +15,12 @@ Storage format (a kernel ``W`` [*lead, in, out], ``lead`` = () or (L,) when stac
   ``scales`` [*lead, in / B, out].
 * ``nf4``: each value is the index of the nearest of the 16 NormalFloat4 levels
   (:data:`NF4_CODEBOOK`, the QLoRA paper's / bitsandbytes' table) after dividing by the
-  block's absmax. Two 4-bit indices per byte along the input dim, the even row in the
-  high nibble like bitsandbytes: ``codes`` uint8 [*lead, in / 2, out]. 4.5 bits per
-  weight (no double quantization of the scales).
+  block's absmax. Two 4-bit indices per byte along the input dim, paired inside a block:
+  byte ``r`` of block ``k`` holds row ``k*B + r`` in its high nibble and row
+  ``k*B + B/2 + r`` in its low one (``codes`` uint8 [*lead, in / 2, out]). Unpacking is
+  then two half-blocks joined end to end, not an interleave of single rows, which XLA
+  lowered to full-size float32 halves padded and merged (4-5 kernel-sized temporaries
+  per dequantization in the 8B step). 4.5 bits per weight (no double quantization).
 * ``int8``: symmetric absmax, ``code = round(127 * w / absmax)`` in [-127, 127];
   ``codes`` int8 [*lead, in, out], ``scales`` hold ``absmax / 127``. 8.5 bits per weight.
 
@@ -140,9 +143,9 @@ def quantize(w, fmt: str) -> tuple[np.ndarray, np.ndarray]:
     if fmt == "int8":
         q = np.clip(np.rint(blocks / safe * 127.0), -127, 127).astype(np.int8)
         return q.reshape(codes_shape), (absmax / 127.0).astype(np.float32)
-    idx = np.searchsorted(_NF4_MIDPOINTS, blocks / safe).astype(np.uint8)
-    idx = idx.reshape(*lead, d_in // 2, 2, d_out)
-    codes = (idx[..., 0, :] << 4) | idx[..., 1, :]
+    idx = np.searchsorted(_NF4_MIDPOINTS, blocks / safe).astype(np.uint8)  # [.., nb, B, out]
+    codes = (idx[..., : b // 2, :] << 4) | idx[..., b // 2 :, :]
+    codes = codes.reshape(codes_shape)
     assert codes.shape == codes_shape and codes.dtype == codes_dtype
     return codes, absmax.astype(np.float32)
 
@@ -163,17 +166,16 @@ def dequantize(codes: jax.Array, scales: jax.Array, fmt: str, dtype=jnp.float32)
     *lead, rows, d_out = codes.shape
     nb = scales.shape[-2]
     s = scales.astype(jnp.float32)[..., :, None, :]  # [*lead, nb, 1, out]
+    blocks = codes.reshape(*lead, nb, rows // nb, d_out)
 
-    def scaled(v):  # float32 [*lead, rows, out] -> dtype [*lead, nb, rows/nb, out]
-        # Scaled and cast per code row, before the nibbles are interleaved: no float32
-        # copy of the whole kernel is ever needed.
-        return (v.reshape(*lead, nb, rows // nb, d_out) * s).astype(dtype)
+    def scaled(v):  # float32 [*lead, nb, rows/nb, out] -> dtype, same shape
+        return (v * s).astype(dtype)
 
     if fmt != "nf4":
-        return scaled(codes.astype(jnp.float32)).reshape(*lead, rows, d_out)
-    # Byte i holds input rows 2i (high nibble) and 2i + 1, always in the same block.
-    hi, lo = scaled(_nf4_values(codes >> 4)), scaled(_nf4_values(codes & 0xF))
-    return jnp.stack([hi, lo], axis=-2).reshape(*lead, rows * 2, d_out)
+        return scaled(blocks.astype(jnp.float32)).reshape(*lead, rows, d_out)
+    # High nibbles are the first half of each block, low nibbles the second half.
+    hi, lo = scaled(_nf4_values(blocks >> 4)), scaled(_nf4_values(blocks & 0xF))
+    return jnp.concatenate([hi, lo], axis=-2).reshape(*lead, rows * 2, d_out)
 
 
 def _nf4_values(nibbles: jax.Array) -> jax.Array:
@@ -191,15 +193,50 @@ def _nf4_values(nibbles: jax.Array) -> jax.Array:
     return level[0]
 
 
+def _nf4_half(codes: jax.Array, scales: jax.Array, low: bool, dtype) -> jax.Array:
+    """One half-kernel of nf4 ``codes`` [in/2, out]: the first (high nibbles) or second
+    (``low``) half of every block, [in/2, out] in ``dtype``. Elementwise in the codes,
+    so XLA can fuse it into the matmul that reads it; nothing is interleaved."""
+    rows, d_out = codes.shape[-2:]
+    nb = scales.shape[-2]
+    blocks = codes.reshape(nb, rows // nb, d_out)
+    nibbles = blocks & 0xF if low else blocks >> 4
+    s = scales.astype(jnp.float32)[:, None, :]
+    return (_nf4_values(nibbles) * s).astype(dtype).reshape(rows, d_out)
+
+
+def _block_halves(x: jax.Array, nb: int) -> tuple[jax.Array, jax.Array]:
+    """x [..., in] -> (first, second) half of each of its ``nb`` blocks, [..., in/2] each."""
+    lead = x.shape[:-1]
+    xb = x.reshape(*lead, nb, 2, x.shape[-1] // (2 * nb))
+    return xb[..., 0, :].reshape(*lead, -1), xb[..., 1, :].reshape(*lead, -1)
+
+
+def _after(*arrays):
+    # A data dependency that ties a dequantization to the activation it multiplies.
+    # Without it the scheduler hoists every dequantization of a (recomputed) layer to
+    # its start, so all its bf16 kernels, and their broadcast scales, are alive at once
+    # (8B QLoRA step: six 56 MiB half-kernels at the peak).
+    return jax.lax.optimization_barrier(arrays)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def qmatmul(x: jax.Array, codes: jax.Array, scales: jax.Array, fmt: str) -> jax.Array:
     """``x @ dequantize(codes, scales)``: x [..., in] -> [..., out] in x's dtype.
 
-    The kernel is frozen: the backward pass gives the gradient for ``x`` only and
-    dequantizes the kernel again rather than saving it (memory: one layer's kernel,
-    only while it is used).
+    nf4 runs as two matmuls, one per half of every block (``x_hi @ W_hi + x_lo @ W_lo``),
+    one after the other, so the packed nibbles never have to be put back in row order
+    and only one half-kernel exists at a time. The kernel is frozen: the backward pass
+    gives the gradient for ``x`` only and dequantizes the kernel again rather than
+    saving it (memory: half of one layer's kernel, only while it is used).
     """
-    return x @ dequantize(codes, scales, fmt, x.dtype)
+    codes, scales, x = _after(codes, scales, x)
+    if fmt != "nf4":
+        return x @ dequantize(codes, scales, fmt, x.dtype)
+    x_hi, x_lo = _block_halves(x, scales.shape[-2])
+    y = x_hi @ _nf4_half(codes, scales, False, x.dtype)
+    codes, scales, x_lo, y = _after(codes, scales, x_lo, y)
+    return y + x_lo @ _nf4_half(codes, scales, True, x.dtype)
 
 
 def _qmatmul_fwd(x, codes, scales, fmt):
@@ -207,9 +244,21 @@ def _qmatmul_fwd(x, codes, scales, fmt):
 
 
 def _qmatmul_bwd(fmt, res, g):
-    codes, scales = res
-    w = dequantize(codes, scales, fmt, g.dtype)  # [in, out]
-    return jnp.einsum("...o,io->...i", g, w), None, None
+    codes, scales, g = _after(*res, g)
+    if fmt != "nf4":
+        w = dequantize(codes, scales, fmt, g.dtype)  # [in, out]
+        return jnp.einsum("...o,io->...i", g, w), None, None
+    lead, nb = g.shape[:-1], scales.shape[-2]
+
+    def dx_half(low):  # [..., nb, B/2]
+        w = _nf4_half(codes, scales, low, g.dtype)
+        return jnp.einsum("...o,io->...i", g, w).reshape(*lead, nb, -1)
+
+    dx_hi = dx_half(False)
+    codes, scales, g, dx_hi = _after(codes, scales, g, dx_hi)
+    dx_lo = dx_half(True)
+    # [..., nb, B/2] each -> [..., nb, 2, B/2]: the blocks' halves back in row order.
+    return jnp.stack([dx_hi, dx_lo], axis=-2).reshape(*lead, -1), None, None
 
 
 qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)

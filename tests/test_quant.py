@@ -70,8 +70,9 @@ def test_nf4_codebook_is_the_published_table():
     w = np.tile(np.asarray(PUBLISHED_NF4, np.float32)[:, None], (4, 1))  # [64, 1]
     codes, scales = quant.quantize(w, "nf4")
     assert scales.tolist() == [[1.0]]
+    # One block of 64 rows: byte r holds row r (high nibble) and row 32 + r (low).
     hi, lo = codes[:, 0] >> 4, codes[:, 0] & 0xF
-    np.testing.assert_array_equal(np.stack([hi, lo], 1).ravel(), np.tile(np.arange(16), 4))
+    np.testing.assert_array_equal(np.concatenate([hi, lo]), np.tile(np.arange(16), 4))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
@@ -128,7 +129,11 @@ def test_qmatmul_gradient_matches_dense_and_saves_no_kernel():
 
     g = jax.grad(loss_q)(x)
     g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(x @ w)))(x)
-    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+    # nf4 sums two half-kernel matmuls: float32 rounding differs from one dot.
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=5e-5)
+    np.testing.assert_allclose(
+        quant.qmatmul(x, codes, scales, "nf4"), x @ w, rtol=1e-5, atol=1e-5
+    )
     # The forward keeps only codes + scales (+ what sin needs), never the float kernel.
     _, vjp = jax.vjp(loss_q, x)
     residuals = [r for r in jax.tree.leaves(vjp) if hasattr(r, "shape")]
