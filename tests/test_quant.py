@@ -131,9 +131,7 @@ def test_qmatmul_gradient_matches_dense_and_saves_no_kernel():
     g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(x @ w)))(x)
     # nf4 sums two half-kernel matmuls: float32 rounding differs from one dot.
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=5e-5)
-    np.testing.assert_allclose(
-        quant.qmatmul(x, codes, scales, "nf4"), x @ w, rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(quant.qmatmul(x, codes, scales, "nf4"), x @ w, rtol=1e-5, atol=1e-5)
     # The forward keeps only codes + scales (+ what sin needs), never the float kernel.
     _, vjp = jax.vjp(loss_q, x)
     residuals = [r for r in jax.tree.leaves(vjp) if hasattr(r, "shape")]
