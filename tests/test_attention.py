@@ -33,12 +33,13 @@ def _reference(q, k, v, mask, softcap):
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
-@pytest.mark.parametrize("chunk", [None, 8, 16, 64])
-def test_flash_matches_xla_values_and_gradients(softcap, chunk):
-    # chunk 8/16 do not divide T=37: the padded keys must be invisible.
+@pytest.mark.parametrize(("chunk", "q_chunk"), [(None, None), (8, None), (16, 10), (64, 8)])
+def test_flash_matches_xla_values_and_gradients(softcap, chunk, q_chunk):
+    # chunk 8/16 and q_chunk 10/8 do not divide T=37: padded keys must be invisible,
+    # padded queries dropped; dk/dv sum over the query blocks.
     q, k, v, w, mask = _inputs()
     flash = lambda q, k, v: flash_attention(  # noqa: E731
-        q, k, v, mask, scale=H**-0.5, softcap=softcap, chunk=chunk
+        q, k, v, mask, scale=H**-0.5, softcap=softcap, chunk=chunk, q_chunk=q_chunk
     )
     ref = lambda q, k, v: _reference(q, k, v, mask, softcap)  # noqa: E731
     np.testing.assert_allclose(flash(q, k, v), ref(q, k, v), atol=2e-6)
@@ -104,3 +105,25 @@ def test_no_full_score_matrix_is_kept_for_the_backward_pass():
     assert scores == set(), scores
     assert _shapes(hlo("xla"), t, t), "the check itself must see the XLA path's scores"
     assert _shapes(hlo("flash"), t, 32), "flash must work in [.., T, 32] blocks"
+
+
+def test_query_blocks_bound_the_score_blocks():
+    # With queries in blocks of 16 as well, no float score block has 128 query rows.
+    t = 128
+    q, kv = jnp.ones((1, t, N, H)), jnp.ones((1, t, K, H))
+    idx = jnp.arange(t)[None]
+    mask = attention_mask(idx, idx)
+
+    def hlo(q_chunk):
+        def loss(q, k, v):
+            return jnp.sum(flash_attention(q, k, v, mask, scale=0.25, chunk=32, q_chunk=q_chunk))
+
+        g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        return g.lower(q, kv, kv).compile().as_text()
+
+    def float_blocks(text, rows):
+        return {s for s in _shapes(text, rows, 32) if s.startswith(("f32", "bf16"))}
+
+    assert float_blocks(hlo(None), t), "the check itself must see [.., 128, 32] blocks"
+    assert not float_blocks(hlo(16), t)
+    assert float_blocks(hlo(16), 16)

@@ -7,7 +7,9 @@ again every step (a quarter of a bench-tiny CPU step), and at 8B x 2048 tokens i
 1 GiB per layer on an accelerator. Here the forward pass keeps only the output and the
 per-row log-sum-exp; the backward pass recomputes the probabilities from them. With
 ``chunk`` < S the keys are visited in blocks with an online softmax (Rabe & Staats
-2021; Dao 2022), so no [.., T, S] tensor larger than [.., T, chunk] ever exists.
+2021; Dao 2022), so no [.., T, S] tensor larger than [.., T, chunk] ever exists; with
+``q_chunk`` < T the queries are too, one block after the other, which bounds the score
+blocks at [.., q_chunk, chunk] for any sequence length.
 
 Grouped-query attention is native (no repeated K/V); the boolean mask is the usual
 [B, 1, T, S] one (causal, padding, packed segments, sliding windows), so every model
@@ -33,6 +35,7 @@ def flash_attention(
     scale: float,
     softcap: float | None = None,
     chunk: int | None = None,
+    q_chunk: int | None = None,
 ) -> jax.Array:
     """Attention without a stored [B, N, T, S] probability tensor.
 
@@ -42,11 +45,20 @@ def flash_attention(
       scale: multiplier of q·k.
       softcap: Gemma 2 style ``tanh`` capping of the scaled scores.
       chunk: keys per block; None or >= S = one block (still recomputed, not stored).
+      q_chunk: queries per block, one block after the other in both passes; None or
+        >= T = all at once. The largest temporaries are [B, N, q_chunk, chunk] float32
+        score blocks (8B at 2 x 2048 tokens, all queries at once: 256 MiB each).
 
     Returns:
       [B, T, N, H] in q's dtype.
     """
-    s_len = k.shape[1]
+    t_len, s_len = q.shape[1], k.shape[1]
+    qc = None if q_chunk is None or q_chunk >= t_len else int(q_chunk)
+    q_pad = (-t_len) % qc if qc else 0
+    if q_pad:
+        # Padded queries see no key: zero output, zero gradient; sliced off below.
+        q = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, 0)))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad), (0, 0)))
     c = s_len if chunk is None or chunk >= s_len else int(chunk)
     pad = (-s_len) % c
     if pad:
@@ -54,7 +66,8 @@ def flash_attention(
         k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
         mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad)))
-    return _flash(q, k, v, mask, float(scale), softcap, c)
+    out = _flash(q, k, v, mask, float(scale), softcap, c, qc)
+    return out[:, :t_len] if q_pad else out
 
 
 def _grouped(x: jax.Array, kh: int) -> jax.Array:
@@ -115,18 +128,36 @@ def _forward(q, k, v, mask, scale, softcap, c):
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, mask, scale, softcap, c):
-    return _forward(q, k, v, mask, scale, softcap, c)[0]
+def _forward_chunked(q, k, v, mask, scale, softcap, c, qc):
+    """_forward over query blocks of ``qc`` (None = one block): (out, lse)."""
+    if qc is None:
+        return _forward(q, k, v, mask, scale, softcap, c)
+
+    def one(xs):
+        return _forward(xs[0], k, v, xs[1], scale, softcap, c)
+
+    outs, lses = jax.lax.map(one, (_blocks(q, qc, 1), _blocks(mask, qc, 2)))
+    return _unblock(outs, 1), _unblock(lses, 3)
 
 
-def _flash_fwd(q, k, v, mask, scale, softcap, c):
-    out, lse = _forward(q, k, v, mask, scale, softcap, c)
+def _unblock(x: jax.Array, axis: int) -> jax.Array:
+    """Inverse of ``_blocks``: [n, ...] with blocks along ``axis`` -> joined ``axis``."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash(q, k, v, mask, scale, softcap, c, qc):
+    return _forward_chunked(q, k, v, mask, scale, softcap, c, qc)[0]
+
+
+def _flash_fwd(q, k, v, mask, scale, softcap, c, qc):
+    out, lse = _forward_chunked(q, k, v, mask, scale, softcap, c, qc)
     return out, (q, k, v, mask, out, lse)
 
 
-def _flash_bwd(scale, softcap, c, res, do):
-    q, k, v, mask, out, lse = res
+def _backward(q, k, v, mask, out, lse, do, scale, softcap, c):
+    """Gradients (dq in q's dtype, dk and dv in float32) for one block of queries."""
     kh = k.shape[2]
     qg, dog = _grouped(q, kh), _grouped(do, kh)
     # delta_t = sum_h dO * O: the softmax Jacobian's row term, [B, K, G, T].
@@ -145,7 +176,7 @@ def _flash_bwd(scale, softcap, c, res, do):
         ds = (ds * scale).astype(q.dtype)
         dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, kc, preferred_element_type=_F32)
         dk = jnp.einsum("bkgts,btkgh->bskh", ds, qg, preferred_element_type=_F32)
-        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+        return dq, (dk, dv)
 
     dq0 = jnp.zeros(qg.shape, _F32)
     if c == k.shape[1]:
@@ -153,9 +184,26 @@ def _flash_bwd(scale, softcap, c, res, do):
     else:
         xs = (_blocks(k, c, 1), _blocks(v, c, 1), _blocks(mask5, c, 4))
         dq, (dk, dv) = jax.lax.scan(block, dq0, xs)
-        dk = jnp.moveaxis(dk, 0, 1).reshape(k.shape)
-        dv = jnp.moveaxis(dv, 0, 1).reshape(v.shape)
-    return dq.reshape(q.shape).astype(q.dtype), dk, dv, None
+        dk, dv = _unblock(dk, 1), _unblock(dv, 1)
+    return dq.reshape(q.shape).astype(q.dtype), dk, dv
+
+
+def _flash_bwd(scale, softcap, c, qc, res, do):
+    q, k, v, mask, out, lse = res
+    if qc is None:
+        dq, dk, dv = _backward(q, k, v, mask, out, lse, do, scale, softcap, c)
+    else:
+        # Query blocks in turn; dk and dv summed over them in float32.
+        def one(acc, xs):
+            qi, mi, oi, li, doi = xs
+            dqi, dki, dvi = _backward(qi, k, v, mi, oi, li, doi, scale, softcap, c)
+            return (acc[0] + dki, acc[1] + dvi), dqi
+
+        xs = tuple(_blocks(x, qc, ax) for x, ax in ((q, 1), (mask, 2), (out, 1), (lse, 3), (do, 1)))
+        zeros = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
+        (dk, dv), dqs = jax.lax.scan(one, zeros, xs)
+        dq = _unblock(dqs, 1)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

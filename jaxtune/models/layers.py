@@ -29,6 +29,9 @@ from jaxtune.quant import QuantizedKernel
 
 # Keys per block of the flash path: [B, N, T, 512] float32 scores at most per block.
 FLASH_CHUNK = 512
+# Queries per flash block: bounds the float32 score blocks (2 x 2048 tokens of Llama 8B:
+# 256 -> 128 MiB each); the 8B QLoRA plan's peak was lowest at 1024 (512: XLA kept more).
+FLASH_Q_CHUNK = 1024
 
 Axes = tuple[str | None, ...]
 
@@ -433,7 +436,7 @@ def dot_product_attention(
       scale: multiplier of q·k.
       softcap: Gemma 2 style ``tanh`` capping of the scores (``flash`` and XLA paths).
       implementation: ``flash`` (jaxtune.models.attention: no stored [B, N, T, S]
-        probabilities, keys in blocks of ``FLASH_CHUNK``), ``xla`` / ``cudnn``
+        probabilities, keys in blocks of ``FLASH_CHUNK``, queries of ``FLASH_Q_CHUNK``), ``xla`` / ``cudnn``
         (``jax.nn.dot_product_attention``), or None / ``auto``: cuDNN-or-XLA on GPU,
         ``flash`` elsewhere.
 
@@ -444,7 +447,9 @@ def dot_product_attention(
     if impl == "auto":
         impl = "gpu" if jax.default_backend() == "gpu" else "flash"
     if impl == "flash":
-        return flash_attention(q, k, v, mask, scale=scale, softcap=softcap, chunk=FLASH_CHUNK)
+        return flash_attention(
+            q, k, v, mask, scale=scale, softcap=softcap, chunk=FLASH_CHUNK, q_chunk=FLASH_Q_CHUNK
+        )
     if softcap is None:
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=scale, implementation=None if impl == "gpu" else impl
