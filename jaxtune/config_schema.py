@@ -36,7 +36,7 @@ class ModelConfig:
         ``auto``: cuDNN (or XLA) on GPU, ``flash`` on CPU and TPU.
       quantize: store the frozen kernels of the linear layers in the layer stack
         quantized (QLoRA-style; embeddings, norms and LM head stay in ``dtype``):
-        ``nf4`` (4-bit NormalFloat, absmax per block of 64) or ``int8``; null = no
+        ``nf4`` (4-bit NormalFloat, bf16 absmax per block of 64) or ``int8``; null = no
         quantization. Needs a PEFT method other than ``full``.
       max_seq_len: longest sequence the model is used with (RoPE tables, KV cache); null =
         the model's own limit.
