@@ -58,6 +58,7 @@ def build_classifier(cfg, num_labels: int, label_names=None, layer=None) -> Sequ
         scan_layers=cfg.model.scan_layers and not cfg.peft.unfreeze_top_layers,
         remat=cfg.model.remat,
         attention_impl=cfg.model.attention,
+        mlp_chunks=cfg.model.mlp_chunks,
         quantize=cfg.model.quantize,
     )
     if cfg.model.compute_dtype:

@@ -29,7 +29,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune.models.layers import Embed, LayerNorm, Linear, attention_mask, dot_product_attention
+from jaxtune.models.layers import (
+    Embed,
+    LayerNorm,
+    Linear,
+    attention_mask,
+    dot_product_attention,
+    token_blocked,
+)
 from jaxtune.models.llama import REMAT_POLICIES
 
 ACTIVATIONS = {
@@ -66,6 +73,7 @@ class BertConfig:
     scan_layers: bool = True
     remat: str = "none"
     attention_impl: str = "auto"
+    mlp_chunks: int = 1
     family: str = "bert"
 
     # Encoders attend both ways; pooling code uses this to pick CLS vs last-token.
@@ -139,9 +147,13 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, ("embed", "mlp"), **lin)
         self.down_proj = Linear(f, d, ("mlp", "embed"), **lin)
         self.act = cfg.hidden_act
+        self.blocks = cfg.mlp_chunks
 
     def __call__(self, x, rngs=None):
         """x: [B, T, D] -> [B, T, D]."""
+        return token_blocked(self._mlp, x, self.blocks, rngs)
+
+    def _mlp(self, x, rngs):
         r = rngs if rngs is not None else (None, None)
         return self.down_proj(ACTIVATIONS[self.act](self.up_proj(x, r[0])), r[1])
 

@@ -38,6 +38,7 @@ from jaxtune.models.layers import (
     dot_product_attention,
     rope_cos_sin,
     rope_inv_freq,
+    token_blocked,
 )
 from jaxtune.models.llama import DecoderLM, causal_layout, run_layers
 
@@ -86,6 +87,7 @@ class GemmaConfig:
     scan_layers: bool = True
     remat: str = "none"
     attention_impl: str = "auto"
+    mlp_chunks: int = 1
     family: str = "gemma"
 
     def replace(self, **kw) -> GemmaConfig:
@@ -247,9 +249,13 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, ("embed", "mlp"), **lin)
         self.down_proj = Linear(f, d, ("mlp", "embed"), **lin)
         self.act = cfg.hidden_act
+        self.blocks = cfg.mlp_chunks
 
     def __call__(self, x, rngs=None):
         """GeGLU. x: [B, T, D] -> [B, T, D]."""
+        return token_blocked(self._geglu, x, self.blocks, rngs)
+
+    def _geglu(self, x, rngs):
         r = rngs if rngs is not None else (None,) * 3
         gate = ACTIVATIONS[self.act](self.gate_proj(x, r[0]))
         return self.down_proj(gate * self.up_proj(x, r[1]), r[2])

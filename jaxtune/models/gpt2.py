@@ -23,7 +23,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune.models.layers import Embed, LayerNorm, Linear, dot_product_attention, param
+from jaxtune.models.layers import (
+    Embed,
+    LayerNorm,
+    Linear,
+    dot_product_attention,
+    param,
+    token_blocked,
+)
 from jaxtune.models.llama import DecoderLM, causal_layout, run_layers
 
 # HF ``activation_function`` names. gelu_new / gelu_fast / gelu_pytorch_tanh are the
@@ -67,6 +74,7 @@ class GPT2Config:
     scan_layers: bool = True
     remat: str = "none"
     attention_impl: str = "auto"
+    mlp_chunks: int = 1
     family: str = "gpt2"
 
     def replace(self, **kw) -> GPT2Config:
@@ -190,9 +198,13 @@ class MLP(nnx.Module):
         self.c_fc = Linear(d, f, ("embed", "mlp"), **lin)
         self.c_proj = Linear(f, d, ("mlp", "embed"), **lin)
         self.act = cfg.activation
+        self.blocks = cfg.mlp_chunks
 
     def __call__(self, x, rngs=None):
         """x: [B, T, D] -> [B, T, D]."""
+        return token_blocked(self._mlp, x, self.blocks, rngs)
+
+    def _mlp(self, x, rngs):
         r = rngs if rngs is not None else (None,) * 2
         return self.c_proj(ACTIVATIONS[self.act](self.c_fc(x, r[0])), r[1])
 

@@ -123,6 +123,42 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
+def token_blocked(fn, x: jax.Array, blocks: int, rngs=None) -> jax.Array:
+    """Runs a row-wise ``fn(x, rngs)`` (an MLP) over ``blocks`` blocks of tokens.
+
+    Args:
+      fn: ``(x [..., D], rngs) -> [..., D']``, independent per token row.
+      x: [..., D].
+      blocks: 1 = one call. Else the rows [M, D], padded to a multiple of ``blocks``,
+        are visited one block after the other (``lax.map``), each under
+        ``jax.checkpoint``: the backward pass recomputes a block's [M / blocks, ffn]
+        intermediates rather than keeping them for all tokens (``model.mlp_chunks``).
+      rngs: tuple of dropout keys (or Nones) or None; folded with the block index.
+
+    Returns:
+      [..., D'].
+    """
+    if blocks <= 1:
+        return fn(x, rngs)
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, d)
+    m = rows.shape[0]
+    size = -(-m // blocks)
+    rows = jnp.pad(rows, ((0, size * blocks - m), (0, 0)))  # zero rows, sliced off
+
+    def one(args):
+        xb, i = args
+        r = (
+            None
+            if rngs is None
+            else tuple(k if k is None else jax.random.fold_in(k, i) for k in rngs)
+        )
+        return fn(xb, r)
+
+    out = jax.lax.map(jax.checkpoint(one), (rows.reshape(blocks, size, d), jnp.arange(blocks)))
+    return out.reshape(blocks * size, -1)[:m].reshape(*lead, -1)
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel (+ bias)`` with optional LoRA / DoRA factors.
 

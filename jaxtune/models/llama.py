@@ -27,6 +27,7 @@ from jaxtune.models.layers import (
     dot_product_attention,
     rope_cos_sin,
     rope_inv_freq,
+    token_blocked,
 )
 
 REMAT_POLICIES = {
@@ -69,6 +70,7 @@ class LlamaConfig:
     scan_layers: bool = True
     remat: str = "none"
     attention_impl: str = "auto"
+    mlp_chunks: int = 1
     family: str = "llama"
 
     def replace(self, **kw) -> LlamaConfig:
@@ -247,9 +249,13 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(d, f, ("embed", "mlp"), **lin)
         self.up_proj = Linear(d, f, ("embed", "mlp"), **lin)
         self.down_proj = Linear(f, d, ("mlp", "embed"), **lin)
+        self.blocks = cfg.mlp_chunks
 
     def __call__(self, x, rngs=None):
         """SwiGLU. x: [B, T, D] -> [B, T, D]."""
+        return token_blocked(self._swiglu, x, self.blocks, rngs)
+
+    def _swiglu(self, x, rngs):
         r = rngs if rngs is not None else (None,) * 3
         return self.down_proj(jax.nn.silu(self.gate_proj(x, r[0])) * self.up_proj(x, r[1]), r[2])
 

@@ -150,6 +150,7 @@ def build_model(cfg: Config, mesh, labels: dict | None = None):
         scan_layers=scan_layers_for(cfg),
         remat=cfg.model.remat,
         attention_impl=cfg.model.attention,
+        mlp_chunks=cfg.model.mlp_chunks,
         sharding=variable_sharding(mesh),
         quantize=cfg.model.quantize,
     )

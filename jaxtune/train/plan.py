@@ -220,6 +220,8 @@ def model_config(cfg: Config, preset: str | None = None):
     opts = {"scan_layers": scan_layers_for(cfg), "remat": cfg.model.remat}
     if hasattr(model_cfg, "attention_impl"):
         opts["attention_impl"] = cfg.model.attention
+    if hasattr(model_cfg, "mlp_chunks"):
+        opts["mlp_chunks"] = cfg.model.mlp_chunks
     return model_cfg.replace(**opts)
 
 
