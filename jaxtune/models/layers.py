@@ -148,12 +148,8 @@ def token_blocked(fn, x: jax.Array, blocks: int, rngs=None) -> jax.Array:
 
     def one(args):
         xb, i = args
-        r = (
-            None
-            if rngs is None
-            else tuple(k if k is None else jax.random.fold_in(k, i) for k in rngs)
-        )
-        return fn(xb, r)
+        fold = lambda k: k if k is None else jax.random.fold_in(k, i)  # noqa: E731
+        return fn(xb, None if rngs is None else tuple(map(fold, rngs)))
 
     out = jax.lax.map(jax.checkpoint(one), (rows.reshape(blocks, size, d), jnp.arange(blocks)))
     return out.reshape(blocks * size, -1)[:m].reshape(*lead, -1)
