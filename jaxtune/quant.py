@@ -175,17 +175,30 @@ def dequantize(codes: jax.Array, scales: jax.Array, fmt: str, dtype=jnp.float32)
     codes = jnp.asarray(codes)
     *lead, rows, d_out = codes.shape
     nb = scales.shape[-2]
-    s = scales.astype(jnp.float32)[..., :, None, :]  # [*lead, nb, 1, out]
-    blocks = codes.reshape(*lead, nb, rows // nb, d_out)
-
-    def scaled(v):  # float32 [*lead, nb, rows/nb, out] -> dtype, same shape
-        return (v * s).astype(dtype)
-
+    s = _row_scales(scales, rows)
     if fmt != "nf4":
-        return scaled(blocks.astype(jnp.float32)).reshape(*lead, rows, d_out)
+        return (codes.astype(jnp.float32) * s).astype(dtype)
+
+    def half(nibbles):  # [*lead, in/2, out] -> [*lead, nb, B/2, out] in dtype
+        return (_nf4_values(nibbles) * s).astype(dtype).reshape(*lead, nb, rows // nb, d_out)
+
     # High nibbles are the first half of each block, low nibbles the second half.
-    hi, lo = scaled(_nf4_values(blocks >> 4)), scaled(_nf4_values(blocks & 0xF))
-    return jnp.concatenate([hi, lo], axis=-2).reshape(*lead, rows * 2, d_out)
+    return jnp.concatenate([half(codes >> 4), half(codes & 0xF)], axis=-2).reshape(
+        *lead, rows * 2, d_out
+    )
+
+
+def _row_scales(scales: jax.Array, rows: int) -> jax.Array:
+    """Block scales [*lead, nb, out] -> float32 [*lead, rows, out], each repeated rows/nb
+    times (one per stored row).
+
+    Why ``repeat`` rather than broadcasting [nb, 1, out] against [nb, rows/nb, out]
+    blocks: the TPU compiler fused the repeat (a gather) into the matmul operand but
+    materialized the broadcast, a float32 array the size of the kernel (8B QLoRA:
+    112 MiB per MLP half-kernel, two alive at the step's peak).
+    """
+    nb = scales.shape[-2]
+    return jnp.repeat(scales, rows // nb, axis=-2, total_repeat_length=rows).astype(jnp.float32)
 
 
 def _nf4_values(nibbles: jax.Array) -> jax.Array:
@@ -207,12 +220,8 @@ def _nf4_half(codes: jax.Array, scales: jax.Array, low: bool, dtype) -> jax.Arra
     """One half-kernel of nf4 ``codes`` [in/2, out]: the first (high nibbles) or second
     (``low``) half of every block, [in/2, out] in ``dtype``. Elementwise in the codes,
     so XLA can fuse it into the matmul that reads it; nothing is interleaved."""
-    rows, d_out = codes.shape[-2:]
-    nb = scales.shape[-2]
-    blocks = codes.reshape(nb, rows // nb, d_out)
-    nibbles = blocks & 0xF if low else blocks >> 4
-    s = scales.astype(jnp.float32)[:, None, :]
-    return (_nf4_values(nibbles) * s).astype(dtype).reshape(rows, d_out)
+    nibbles = codes & 0xF if low else codes >> 4
+    return (_nf4_values(nibbles) * _row_scales(scales, codes.shape[-2])).astype(dtype)
 
 
 def _block_halves(x: jax.Array, nb: int) -> tuple[jax.Array, jax.Array]:
