@@ -58,6 +58,9 @@ def test_plan_for_a_v5p_topology(tiny_cfg, tmp_path, capsys):
         + p["code_bytes"]
     )
     assert p["alias_bytes"] > 0  # the donated state is updated in place
+    # XLA's live-buffer peak: at least the inputs, at most every allocation at once.
+    assert p["argument_bytes"] <= p["peak_bytes"] <= p["total_bytes"]
+    assert "XLA peak" in text
     assert p["flops_per_device"] > 0 and p["model_flops"] > 0
     # Too little memory: exit code 1 and a clear message.
     assert run_plan(_parse([str(tiny_cfg), "--topology", "v5p:2x2x2", "--hbm-gib", "1e-6"])) == 1

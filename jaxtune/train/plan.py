@@ -59,6 +59,11 @@ class Plan:
       alias_bytes: outputs that reuse donated inputs (counted once).
       temp_bytes: temporaries per device (activations, gradients, buffers).
       code_bytes: generated code.
+      peak_bytes: XLA's own peak estimate (``peak_memory_in_bytes``): the bytes live at
+        the worst point of the compiled schedule, arguments included; None where the
+        compiler does not report it. ``total_bytes`` (every temporary allocation at
+        once) is the bound ``fits`` uses; this is the figure comparable to an
+        allocator's high-water mark (``torch.cuda.max_memory_allocated``).
       hbm_bytes: memory a device may use; None if unknown (CPU).
       flops_per_device: FLOPs of one step on one device from XLA's cost analysis, which
         counts the body of a loop once: with scanned layers it sees one layer, not all.
@@ -86,6 +91,7 @@ class Plan:
     model_flops: float
     tokens_per_step: int
     step_time_at_peak: float | None = None
+    peak_bytes: int | None = None
     scanned: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -351,6 +357,7 @@ def plan(
         model_flops=flops_per_token(info["total"], info["trainable"]) * tokens,
         tokens_per_step=tokens,
         scanned=bool(getattr(model_cfg, "scan_layers", False)),
+        peak_bytes=int(getattr(mem, "peak_memory_in_bytes", 0)) or None,
     )
     if peak:
         out.step_time_at_peak = out.model_flops / peak
@@ -386,6 +393,11 @@ def format_plan(p: Plan) -> str:
         f"  code          {_gib(p.code_bytes)}",
         f"  total         {_gib(p.total_bytes)} of {_gib(p.hbm_bytes)} HBM",
     ]
+    if p.peak_bytes:
+        lines.append(
+            f"  XLA peak      {_gib(p.peak_bytes)}  (live at the worst point of the schedule, "
+            "arguments included)"
+        )
     lines.append(
         f"FLOPs/step   {p.model_flops:.3e} model FLOPs ({p.tokens_per_step:,} tokens x "
         f"(4 N_frozen + 6 N_trainable)), {p.model_flops / p.num_devices:.3e} per device"
