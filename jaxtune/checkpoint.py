@@ -99,14 +99,21 @@ class Checkpointer:
         meta: dict,
         metrics: dict | None = None,
     ):
-        """Saves (asynchronously when enabled) everything needed to resume at ``step``."""
-        args = ocp.args.Composite(
+        """Saves (asynchronously when enabled) everything needed to resume at ``step``.
+
+        ``opt_state=None``: parameters without an optimizer (a head fitted on cached
+        features); such a checkpoint loads for inference but cannot resume training.
+        """
+        items = dict(
             params=ocp.args.StandardSave(to_named(params)),
-            opt_state=ocp.args.StandardSave(to_named(opt_state)),
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta),
         )
-        self.manager.save(step, args=args, metrics=metrics or None, force=True)
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(to_named(opt_state))
+        self.manager.save(
+            step, args=ocp.args.Composite(**items), metrics=metrics or None, force=True
+        )
 
     def restore(self, step: int, params_like, opt_state_like=None):
         """(params, opt_state or None, data_state, meta) restored into the live shardings."""

@@ -64,14 +64,20 @@ def build_classifier(cfg, num_labels: int, label_names=None, layer=None) -> Sequ
     if cfg.model.compute_dtype:
         backbone.compute_dtype = jnp.dtype(cfg.model.compute_dtype)
     apply_peft(backbone, cfg.peft, rngs=nnx.Rngs(cfg.train.seed))
+    p = cfg.peft
+    # A head fitted on cached features (``peft.method: feature``, nothing unfrozen) has
+    # train_head's structure: biases (the features are centred) and relu.
+    fitted = p.method == "feature" and not p.unfreeze and not p.unfreeze_top_layers
+    head_kw = dict(head_bias=True, head_activation="relu") if fitted else {}
     return SequenceClassifier(
         backbone,
         num_labels,
-        pooling=cfg.peft.pooling,
-        feature_layer=cfg.peft.feature_layer if layer is None else layer,
-        head_hidden=cfg.peft.head_hidden,
+        pooling=p.pooling,
+        feature_layer=p.feature_layer if layer is None else layer,
+        head_hidden=p.head_hidden,
         label_names=label_names,
         rngs=nnx.Rngs(cfg.train.seed + 1),
+        **head_kw,
     )
 
 
@@ -240,6 +246,8 @@ def run(cfg, *, feature: dict | None = None, log=print) -> dict:
             },
             head_seconds=hinfo["seconds"],
             head_l2=hinfo["l2"],
+            _head=head,  # for callers that save it (``jaxtune train``); not JSON
+            _labels={"num_labels": int(k), "label_names": names if len(names) == k else None},
         )
     else:
         layer = feature.get("layer", peft.feature_layer)

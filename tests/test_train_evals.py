@@ -223,9 +223,36 @@ def test_feature_method_runs_through_jaxtune_train(root, cls_data):
             train="{steps: 200, batch_size: 8, seq_len: 16}",
         )
     )
-    report = json.loads((root / "cls_feature" / "run" / "classification_report.json").read_text())
+    run = root / "cls_feature" / "run"
+    report = json.loads((run / "classification_report.json").read_text())
     assert report["method"] == "feature" and report["trainable_params"] < 100
     assert out["eval"]["test/accuracy"] == report["accuracy"] > report["majority"]
+    # The fitted head is the run's checkpoint: the run loads back as the classifier
+    # that scored the report (backbone from model.path + head), and scores the same.
+    from jaxtune.api import load_tokenizer
+    from jaxtune.classify import predict
+    from jaxtune.config import load_config
+    from jaxtune.data import build_datasets
+    from jaxtune.eval.classification import classification_metrics
+
+    clf = jaxtune.from_pretrained(run)
+    cfg = load_config(run / "config.yaml")
+    test = build_datasets(cfg.data, load_tokenizer(cfg.model.path), 16)["test"]
+    logits, gold = predict(clf, test, 8)
+    m = classification_metrics(np.asarray(logits).argmax(-1), gold, 2)
+    assert m["accuracy"] == report["accuracy"] and m["confusion"] == report["confusion"]
+    # Run again on the same directory: resumes as finished, same report.
+    again = train(
+        _cls_cfg(
+            root,
+            cls_data,
+            "cls_feature",
+            peft=peft,
+            optim="{lr: 0.05}",
+            train="{steps: 200, batch_size: 8, seq_len: 16}",
+        )
+    )
+    assert again["eval"] == out["eval"]
 
 
 def test_head_and_format_must_agree(root, cls_data):

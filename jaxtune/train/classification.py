@@ -12,7 +12,8 @@ resume, validation, logging. This module holds what differs:
   split (else validation) -> ``classification_report.{json,md}``.
 - :func:`run_feature_head`: ``peft.method: feature`` with nothing unfrozen has no
   backbone gradients at all; it runs :func:`jaxtune.classify.run` (features cached
-  once, then a head fitted in seconds) and writes the same report.
+  once, then a head fitted in seconds), writes the same report and checkpoints the
+  head, so the run loads back as the trained classifier.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import jax
+from flax import nnx
 
 from jaxtune.errors import ConfigError
 
@@ -45,6 +47,11 @@ def label_info(cfg, train_ds, run_dir: Path) -> dict:
     if k < 2:
         raise ConfigError(f"data.train has {k} label(s); a classifier needs at least 2")
     info = {"num_labels": int(k), "label_names": names if len(names) == k else None}
+    return _keep_labels(run_dir, info)
+
+
+def _keep_labels(run_dir: Path, info: dict) -> dict:
+    """Writes ``info`` to the run's labels file, or checks it against the one there."""
     path = Path(run_dir) / LABELS_FILE
     if path.exists():
         saved = json.loads(path.read_text())
@@ -144,9 +151,12 @@ def run_feature_head(cfg, run_dir: Path, t_start: float) -> dict:
     if cfg.train.steps:
         feature["head_steps"] = int(cfg.train.steps)
     result = run(cfg, feature=feature)
-    result.pop("_model", None)
+    head, labels = result.pop("_head"), result.pop("_labels")
     split = result["eval_split"]
-    result.update(split=split, step=int(cfg.train.steps or 0))
+    step = int(cfg.train.steps or 0)
+    result.update(split=split, step=step)
+    _keep_labels(run_dir, labels)
+    _save_head(cfg, Path(run_dir), head, step)
     _write(Path(run_dir), result, None)
     summary = {
         "run_dir": str(run_dir),
@@ -161,6 +171,36 @@ def run_feature_head(cfg, run_dir: Path, t_start: float) -> dict:
         (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(
         f"{split}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} "
-        f"(majority class {result['majority']:.4f})"
+        f"(majority class {result['majority']:.4f}); the classifier loads from {run_dir}"
     )
     return summary
+
+
+class _HeadOnly(nnx.Module):
+    """The fitted head under the name it has in a ``SequenceClassifier`` (``head``), so
+    its checkpoint is the one an end-to-end run of the same config would write."""
+
+    def __init__(self, head):
+        self.head = head
+
+
+def _save_head(cfg, run_dir: Path, head, step: int) -> None:
+    """Checkpoints the fitted head as the run's trainable parameters (step ``step``).
+
+    The backbone is frozen and unchanged, so this is the whole trained classifier:
+    ``jaxtune.from_pretrained(run_dir)``, ``jaxtune eval`` and ``jaxtune export`` rebuild
+    it from ``model.path`` + this checkpoint + ``labels.json``. Parameters take
+    ``model.dtype``, as the classifier's head does.
+    """
+    from jaxtune.api import resolve_dtype
+    from jaxtune.checkpoint import Checkpointer
+
+    dtype = resolve_dtype(cfg.model.dtype)
+    params = jax.tree.map(lambda a: a.astype(dtype), nnx.state(_HeadOnly(head), nnx.Param))
+    ckpt = Checkpointer(run_dir, keep=1, async_save=False)
+    try:
+        if ckpt.latest_step() == step:  # a finished run run again: same head, already saved
+            return
+        ckpt.save(step, params, None, {}, {"step": step, "method": "feature"})
+    finally:
+        ckpt.close()
