@@ -96,6 +96,10 @@ class PeftConfig:
         pretrained ``tanh(dense(CLS))``, as ``BertForSequenceClassification`` reads it).
       feature_layer: hidden-state layer the head reads (-1 = final, after the last norm).
       head_hidden: 0 = a linear head, else the hidden size of a two-layer MLP head.
+      dtype: dtype of the LoRA / DoRA factors and adapter weights, and so of their
+        gradients and optimizer state: ``float32`` (PEFT's default; safe with any
+        learning rate) or ``bfloat16`` (torchtune's; half the memory: 0.23 -> 0.12 GiB
+        of LoRA weights + AdamW state for Llama 3.1 8B at r=8 on every linear layer).
     """
 
     method: str = "lora"
@@ -115,6 +119,7 @@ class PeftConfig:
     pooling: str = "last"
     feature_layer: int = -1
     head_hidden: int = 0
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -328,6 +333,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": FORMATS,
     "data.truncation_side": ("right", "left"),
     "peft.method": PEFT_METHODS,
+    "peft.dtype": DTYPES,
     "peft.adapter_placement": ("houlsby", "pfeiffer"),
     "peft.adapter_activation": ("gelu", "relu", "silu", "tanh"),
     "peft.head": ("lm", "classification"),

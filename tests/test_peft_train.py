@@ -1,5 +1,7 @@
 """Training through the trainable filter: frozen params stay bit-identical, state is small."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +81,27 @@ def test_frozen_params_bit_identical_and_state_only_for_trainable(peft):
     assert 0 <= extra <= 16
     s = summary(model, trainable_filter(model, peft))
     assert s["trainable_bytes"] == tree_bytes(trainable) and s["percent"] < 50
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adapter"])
+def test_bfloat16_adapters_train_with_bfloat16_optimizer_state(method):
+    # peft.dtype=bfloat16 (torchtune's choice): factors, their gradients and AdamW's
+    # mu / nu are all bf16, half the bytes of float32; the base stays as it is.
+    model = init_model(LlamaConfig.tiny(), dtype=jnp.bfloat16)
+    kw = dict(adapter_size=8) if method == "adapter" else dict(rank=4, alpha=8.0)
+    peft = PeftConfig(method=method, targets=("all-linear",), dtype="bfloat16", **kw)
+    apply_peft(model, peft, nnx.Rngs(0))
+    (tr0, _), trainable, opt_state = train(model, peft, steps=4)
+    leaves = jax.tree.leaves(trainable)
+    assert leaves and {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
+    assert changed_paths(tr0, trainable) == set(flat_np(trainable))
+    moments = [x for x in jax.tree.leaves(opt_state) if x.ndim > 0]
+    assert {x.dtype for x in moments} == {jnp.dtype(jnp.bfloat16)}
+    assert 0 <= state_bytes(opt_state) - 2 * tree_bytes(trainable) <= 16
+    f32 = init_model(LlamaConfig.tiny(), dtype=jnp.bfloat16)
+    apply_peft(f32, dataclasses.replace(peft, dtype="float32"), nnx.Rngs(0))
+    f32_bytes = tree_bytes(nnx.state(f32, trainable_filter(f32, peft)))
+    assert 2 * tree_bytes(trainable) == f32_bytes
 
 
 def test_lora_plus_unfrozen_norms_changes_exactly_factors_and_norm_scales():

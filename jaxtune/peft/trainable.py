@@ -178,6 +178,7 @@ def apply_peft(model: nnx.Module, peft_cfg, rngs: nnx.Rngs | None = None) -> nnx
     if method not in METHODS:
         raise ConfigError(f"peft.method: {method!r} is not one of {list(METHODS)}")
     rngs = rngs if rngs is not None else nnx.Rngs(0)
+    dtype = jnp.dtype(getattr(peft_cfg, "dtype", None) or "float32")
     if method in ("lora", "dora"):
         check_hparams(peft_cfg.rank, peft_cfg.alpha, peft_cfg.dropout)
         add_lora(
@@ -189,6 +190,7 @@ def apply_peft(model: nnx.Module, peft_cfg, rngs: nnx.Rngs | None = None) -> nnx
             rslora=peft_cfg.rslora,
             dora=method == "dora",
             rngs=rngs,
+            dtype=dtype,
         )
     elif method == "adapter":
         add_adapters(
@@ -199,6 +201,7 @@ def apply_peft(model: nnx.Module, peft_cfg, rngs: nnx.Rngs | None = None) -> nnx
             activation=peft_cfg.adapter_activation,
             dropout=peft_cfg.dropout,
             rngs=rngs,
+            dtype=dtype,
         )
     return model
 
