@@ -150,6 +150,8 @@ def bench_mode(mode: str, args, model_path: str, scratch: Path) -> dict:
     for scan in scans:
         label = "jaxtune" + ("" if len(scans) == 1 else (" scan" if scan else " unrolled"))
         sides.append((label, "jax", {**base, "scan": scan}))
+    for name, overrides in args.variant:  # more jaxtune columns, timed against the first
+        sides.append((f"jaxtune {name}", "jax", {**base, "scan": scans[0], "set": overrides}))
     torch_label = {"lora": "HF + PEFT", "qlora": "HF + PEFT + bnb NF4"}.get(mode, "HF")
     torch_spec = {**base, "torch_compile": args.torch_compile, "omp_wait_policy": args.omp_wait}
     if mode != "qlora" or args.device == "gpu":  # bitsandbytes' 4-bit kernels need CUDA
@@ -166,6 +168,7 @@ def bench_mode(mode: str, args, model_path: str, scratch: Path) -> dict:
     others = workers[:-1] if has_ref else workers
     ratios: dict[str, list[float]] = {w.name: [] for w in others}
     cpu_ratios: dict[str, list[float]] = {w.name: [] for w in others}
+    variants = {f"jaxtune {name}": [] for name, _ in args.variant}
     for p in range(args.pairs):
         # Alternate who goes first, so a slow drift of the machine's load cancels out.
         order = workers if p % 2 == 0 else workers[::-1]
@@ -173,6 +176,8 @@ def bench_mode(mode: str, args, model_path: str, scratch: Path) -> dict:
         for name in ratios if has_ref else ():
             ratios[name].append(t[ref.name][0] / t[name][0])
             cpu_ratios[name].append(t[ref.name][1] / t[name][1])
+        for name in variants:
+            variants[name].append(t[workers[0].name][0] / t[name][0])
         log(f"[{mode}] pair {p + 1}/{args.pairs}: "
             + ", ".join(f"{k} {v[0]:.2f}s (cpu {v[1]:.2f}s)" for k, v in t.items()))  # fmt: skip
     out = {}
@@ -194,6 +199,10 @@ def bench_mode(mode: str, args, model_path: str, scratch: Path) -> dict:
             out[name][key] = {
                 "median": statistics.median(rs), "min": min(rs), "max": max(rs), "pairs": rs
             }  # fmt: skip
+    for name, rs in variants.items():
+        out[name]["ratio_vs_jaxtune"] = {
+            "median": statistics.median(rs), "min": min(rs), "max": max(rs), "pairs": rs
+        }  # fmt: skip
     return out
 
 
@@ -238,6 +247,8 @@ def table(mode: str, res: dict, flops: dict, peak: float, args) -> str:
     if has_torch:
         row("tokens/s ratio vs torch: median (min-max of pairs)", ratio("ratio_vs_torch"))
         row("same, CPU-time ratio (less noise from other tenants)", ratio("cpu_ratio_vs_torch"))
+    if args.variant:
+        row(f"tokens/s ratio vs {names[0]}: median (min-max)", ratio("ratio_vs_jaxtune"))
     row(
         "step time, s (median / min)", lambda r: f"{r['step_s_median']:.3f} / {r['step_s_min']:.3f}"
     )
@@ -267,6 +278,17 @@ def table(mode: str, res: dict, flops: dict, peak: float, args) -> str:
     return "\n".join(rows)
 
 
+def variant(text: str) -> tuple[str, dict]:
+    """``NAME:KEY=VALUE[,KEY=VALUE]`` -> (name, {dotted key: YAML value})."""
+    import yaml
+
+    name, sep, sets = text.partition(":")
+    pairs = [kv.partition("=") for kv in sets.split(",")] if sep else []
+    if not name or not pairs or any(not k or not eq for k, eq, _ in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+    return name, {k.strip(): yaml.safe_load(v) for k, _, v in pairs}
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description="jaxtune vs transformers+PEFT training throughput")
     ap.add_argument("--model", choices=("tiny", "smollm2", "llama1b"), default="tiny")
@@ -284,6 +306,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
     ap.add_argument("--scan", choices=("on", "off", "both"), default="both",
                     help="jaxtune's model.scan_layers (both = two jaxtune columns)")  # fmt: skip
+    ap.add_argument("--variant", action="append", default=[], type=variant,
+                    metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="one more jaxtune column with these config overrides, e.g. "
+                         "mlp4:model.mlp_chunks=4 (repeatable)")  # fmt: skip
     ap.add_argument("--torch-compile", action="store_true", help="torch.compile the HF model")
     ap.add_argument("--omp-wait", default="PASSIVE",
                     help="torch worker's OMP_WAIT_POLICY ('' = libgomp's default spinning)")  # fmt: skip

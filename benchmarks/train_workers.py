@@ -87,15 +87,17 @@ class JaxSide:
                      "dtype": spec.get("dtype", "float32")}  # fmt: skip
         if spec["mode"] == "qlora":
             model_cfg["quantize"] = "nf4"
-        cfg = config_from_dict(
-            {
-                "model": model_cfg,
-                "peft": _jax_peft(spec),
-                "optim": _jax_optim(spec),
-                "train": {"batch_size": spec["batch"], "seq_len": spec["seq"], "steps": 1000},
-                "run": {"dir": os.path.join(spec["scratch"], "run")},
-            }
-        )
+        sections = {
+            "model": model_cfg,
+            "peft": _jax_peft(spec),
+            "optim": _jax_optim(spec),
+            "train": {"batch_size": spec["batch"], "seq_len": spec["seq"], "steps": 1000},
+            "run": {"dir": os.path.join(spec["scratch"], "run")},
+        }
+        for key, value in spec.get("set", {}).items():  # bench_train.py --variant
+            section, _, name = key.partition(".")
+            sections.setdefault(section, {})[name] = value
+        cfg = config_from_dict(sections)
         mesh = make_mesh(*validate_against_devices(cfg, jax.device_count(), 1))
         t0 = time.perf_counter()
         model = build_model(cfg, mesh)

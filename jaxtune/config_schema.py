@@ -42,9 +42,10 @@ class ModelConfig:
         the model's own limit.
       mlp_chunks: run each layer's MLP over this many blocks of tokens, one after the
         other, each recomputed in the backward pass: its [tokens, ffn] activations
-        exist for one block at a time (Llama 3.1 8B QLoRA at 2 x 2048: 0.5-0.7 GiB less
-        at 4-16 blocks) for one more MLP forward (and dequantization) per step; LoRA
-        dropout masks then differ from the unblocked ones. 1 = off.
+        exist for one block at a time (Llama 3.1 8B QLoRA at 2 x 2048: 0.55 GiB less
+        at 4 blocks, no more at 16) for one more MLP forward (and dequantization) per
+        step (on a CPU without remat it can be faster: smaller blocks stay in cache);
+        LoRA dropout masks then differ from the unblocked ones. 1 = off.
       loss_chunk: sequence positions per chunk of the LM cross-entropy: the [B, chunk,
         vocab] logits are computed, reduced and recomputed in the backward pass one chunk
         at a time, so a micro-batch's full [B, T, vocab] logits never exist (large
