@@ -37,7 +37,7 @@ from jaxtune.models.layers import (
     dot_product_attention,
     token_blocked,
 )
-from jaxtune.models.llama import REMAT_POLICIES
+from jaxtune.models.llama import REMAT_POLICIES, named_layer_input
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
@@ -258,7 +258,7 @@ class BertModel(nnx.Module):
         keys = jax.random.split(rng, cfg.num_layers) if rng is not None else None
 
         def one_layer(block, h, key):
-            return block(h, mask, key)
+            return block(named_layer_input(h), mask, key)
 
         if cfg.remat != "none":
             one_layer = nnx.remat(one_layer, policy=REMAT_POLICIES[cfg.remat])

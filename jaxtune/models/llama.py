@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.models.layers import (
     Embed,
@@ -30,11 +31,27 @@ from jaxtune.models.layers import (
     token_blocked,
 )
 
+# Name of each layer's input inside the rematerialised layer; "offload" keeps exactly
+# what "full" keeps (one [B, T, D] input per layer), in host memory instead of HBM.
+LAYER_INPUT = "layer_input"
 REMAT_POLICIES = {
     "none": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
+
+
+def named_layer_input(h: jax.Array) -> jax.Array:
+    """h [B, T, D] unchanged, named for the ``offload`` remat policy. The name is on the
+    first value inside the rematerialised layer: saving it (to the host) is what lets
+    the backward pass recompute the layer without keeping its input on the device."""
+    return checkpoint_name(h, LAYER_INPUT)
 
 
 @dataclass(frozen=True)
@@ -313,7 +330,7 @@ def run_layers(
 
     def one_layer(block, h, window, rope_id, kv, key):
         c, s = (cos, sin) if rope_id is None else (cos[rope_id], sin[rope_id])
-        return block(h, c, s, mask_fn(window), kv, cache_index, key)
+        return block(named_layer_input(h), c, s, mask_fn(window), kv, cache_index, key)
 
     if cfg.remat != "none":
         one_layer = nnx.remat(one_layer, policy=policy)

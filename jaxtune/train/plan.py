@@ -64,6 +64,7 @@ class Plan:
         compiler does not report it. ``total_bytes`` (every temporary allocation at
         once) is the bound ``fits`` uses; this is the figure comparable to an
         allocator's high-water mark (``torch.cuda.max_memory_allocated``).
+      host_bytes: temporaries the step keeps in host memory (``model.remat: offload``).
       hbm_bytes: memory a device may use; None if unknown (CPU).
       flops_per_device: FLOPs of one step on one device from XLA's cost analysis, which
         counts the body of a loop once: with scanned layers it sees one layer, not all.
@@ -92,6 +93,7 @@ class Plan:
     tokens_per_step: int
     step_time_at_peak: float | None = None
     peak_bytes: int | None = None
+    host_bytes: int = 0
     scanned: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -358,6 +360,7 @@ def plan(
         tokens_per_step=tokens,
         scanned=bool(getattr(model_cfg, "scan_layers", False)),
         peak_bytes=int(getattr(mem, "peak_memory_in_bytes", 0)) or None,
+        host_bytes=int(getattr(mem, "host_temp_size_in_bytes", 0)),
     )
     if peak:
         out.step_time_at_peak = out.model_flops / peak
@@ -398,6 +401,8 @@ def format_plan(p: Plan) -> str:
             f"  XLA peak      {_gib(p.peak_bytes)}  (live at the worst point of the schedule, "
             "arguments included)"
         )
+    if p.host_bytes:
+        lines.append(f"  host memory   {_gib(p.host_bytes)}  (offloaded activations, per device)")
     lines.append(
         f"FLOPs/step   {p.model_flops:.3e} model FLOPs ({p.tokens_per_step:,} tokens x "
         f"(4 N_frozen + 6 N_trainable)), {p.model_flops / p.num_devices:.3e} per device"
