@@ -30,7 +30,8 @@ from jaxtune.errors import ConfigError, JaxtuneError
 from jaxtune.train.hardware import TOPOLOGY_CHIPS, GiB, chip_for, hbm_bytes_per_device, peak_flops
 
 _ADVICE = (
-    "Try a smaller train.batch_size (with train.grad_accum), model.remat=full, a larger "
+    "Try a smaller train.batch_size (with train.grad_accum), model.remat=full (or offload: "
+    "layer inputs in host memory), model.quantize=nf4 with a PEFT method, a larger "
     "mesh.fsdp, or a bigger topology"
 )
 
