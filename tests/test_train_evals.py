@@ -213,16 +213,9 @@ def test_classification_trains_resumes_exactly_and_exports(root, cls_data, tmp_p
 
 def test_feature_method_runs_through_jaxtune_train(root, cls_data):
     peft = "{method: feature, head: classification, pooling: mean}"
-    out = train(
-        _cls_cfg(
-            root,
-            cls_data,
-            "cls_feature",
-            peft=peft,
-            optim="{lr: 0.05}",
-            train="{steps: 200, batch_size: 8, seq_len: 16}",
-        )
-    )
+    train_cfg = "{steps: 200, batch_size: 8, seq_len: 16}"
+    cfg = _cls_cfg(root, cls_data, "cls_feature", peft=peft, optim="{lr: 0.05}", train=train_cfg)
+    out = train(cfg)
     run = root / "cls_feature" / "run"
     report = json.loads((run / "classification_report.json").read_text())
     assert report["method"] == "feature" and report["trainable_params"] < 100
@@ -236,23 +229,13 @@ def test_feature_method_runs_through_jaxtune_train(root, cls_data):
     from jaxtune.eval.classification import classification_metrics
 
     clf = jaxtune.from_pretrained(run)
-    cfg = load_config(run / "config.yaml")
-    test = build_datasets(cfg.data, load_tokenizer(cfg.model.path), 16)["test"]
+    saved = load_config(run / "config.yaml")
+    test = build_datasets(saved.data, load_tokenizer(saved.model.path), 16)["test"]
     logits, gold = predict(clf, test, 8)
     m = classification_metrics(np.asarray(logits).argmax(-1), gold, 2)
     assert m["accuracy"] == report["accuracy"] and m["confusion"] == report["confusion"]
     # Run again on the same directory: resumes as finished, same report.
-    again = train(
-        _cls_cfg(
-            root,
-            cls_data,
-            "cls_feature",
-            peft=peft,
-            optim="{lr: 0.05}",
-            train="{steps: 200, batch_size: 8, seq_len: 16}",
-        )
-    )
-    assert again["eval"] == out["eval"]
+    assert train(cfg)["eval"] == out["eval"]
 
 
 def test_head_and_format_must_agree(root, cls_data):
