@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import json
+import math
 
 import pytest
 
@@ -75,6 +76,21 @@ def test_plan_for_local_devices_without_libtpu(tiny_cfg, capsys):
     text = capsys.readouterr().out
     assert "2 x cpu" in text and "mesh data=1 x fsdp=2 x tensor=1" in text
     assert "fits        unknown" in text
+
+
+def test_measure_runs_the_planned_step_on_made_up_inputs(tiny_cfg, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    argv = [str(tiny_cfg), "mesh.fsdp=2", "mesh.data=-1", "model.quantize=nf4"]
+    argv += ["--devices", "2", "--measure", "2", "--json", str(out)]
+    assert run_plan(_parse(argv)) == 0
+    assert "measured" in capsys.readouterr().out
+    m = json.loads(out.read_text())["measured"]
+    assert m["steps"] == 2 and len(m["losses"]) == 3 and 0 < m["step_s_min"] <= m["step_s"]
+    # Uniform made-up weights: the loss starts near ln(vocab) and training moves it.
+    assert abs(m["losses"][0] - math.log(256)) < 0.5 and m["losses"][-1] != m["losses"][0]
+    assert m["peak_bytes_in_use"] is None  # the CPU allocator keeps no statistics
+    with pytest.raises(ConfigError, match="--measure"):
+        run_plan(_parse([str(tiny_cfg), "--topology", "v5p:2x2x2", "--measure", "1"]))
 
 
 def test_plan_errors(tiny_cfg):

@@ -42,6 +42,15 @@ def add_plan_parser(subparsers, make_sub):
     p.add_argument(
         "--hbm-gib", type=float, metavar="GIB", help="memory per device to check against"
     )
+    p.add_argument(
+        "--measure",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also run the compiled step STEPS times on the local devices with made-up "
+        "weights and batch (no checkpoint or data needed): seconds/step, tokens/s, MFU "
+        "and the allocator's peak memory (GPU/TPU). Needs --devices",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
     return p
 
@@ -51,6 +60,13 @@ def run_plan(args) -> int:
     from jaxtune.config import load_config
     from jaxtune.train.plan import format_plan, local_devices, plan, topology_devices
 
+    if args.measure < 0 or (args.measure and args.topology):
+        from jaxtune.errors import ConfigError
+
+        raise ConfigError(
+            "--measure: expected a number of steps >= 1 with --devices (a --topology "
+            "describes chips this host does not have)"
+        )
     cfg = load_config(args.config, args.overrides)
     if args.topology:
         devices, target = topology_devices(args.topology), args.topology
@@ -58,7 +74,9 @@ def run_plan(args) -> int:
         devices = local_devices(args.devices)
         target = f"--devices {args.devices}"
     hbm = None if args.hbm_gib is None else int(args.hbm_gib * 1024**3)
-    result = plan(cfg, devices, target=target, preset=args.preset, hbm_bytes=hbm)
+    result = plan(
+        cfg, devices, target=target, preset=args.preset, hbm_bytes=hbm, measure=args.measure
+    )
     print(format_plan(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result.as_dict(), indent=2))

@@ -66,6 +66,8 @@ class Plan:
         once) is the bound ``fits`` uses; this is the figure comparable to an
         allocator's high-water mark (``torch.cuda.max_memory_allocated``).
       host_bytes: temporaries the step keeps in host memory (``model.remat: offload``).
+      measured: with ``--measure``: ``step_s``, ``step_s_min``, ``losses``,
+        ``peak_bytes_in_use`` (None on CPU) and ``mfu`` (None if the chip is unknown).
       hbm_bytes: memory a device may use; None if unknown (CPU).
       flops_per_device: FLOPs of one step on one device from XLA's cost analysis, which
         counts the body of a loop once: with scanned layers it sees one layer, not all.
@@ -95,6 +97,7 @@ class Plan:
     step_time_at_peak: float | None = None
     peak_bytes: int | None = None
     host_bytes: int = 0
+    measured: dict | None = None
     scanned: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -271,6 +274,7 @@ def plan(
     target: str,
     preset: str | None = None,
     hbm_bytes: int | None = None,
+    measure: int = 0,
 ) -> Plan:
     """Compiles ``cfg``'s train step for ``devices`` and measures it.
 
@@ -281,6 +285,9 @@ def plan(
       target: label for the report.
       preset: architecture preset overriding the config's.
       hbm_bytes: memory per device to check against; default: the chip's.
+      measure: run the compiled step this many times on made-up inputs (concrete
+        devices only; see ``jaxtune.train.measure``) and add the timings and the
+        allocator's peak to the plan.
 
     Raises:
       ConfigError: the mesh or batch does not fit the devices, or no architecture.
@@ -365,6 +372,15 @@ def plan(
     )
     if peak:
         out.step_time_at_peak = out.model_flops / peak
+    if measure:
+        from jaxtune.train.measure import measure_steps
+
+        args = (abstract_state(params, opt_state), frozen, batch)
+        out.measured = measure_steps(
+            compiled, args, steps=measure, vocab=model_cfg.vocab_size, devices=devices
+        )
+        if peak:
+            out.measured["mfu"] = out.model_flops / len(devices) / peak / out.measured["step_s"]
     if cfg.model.quantize:
         from jaxtune.quant import quantized_stats
 
@@ -415,6 +431,19 @@ def format_plan(p: Plan) -> str:
         lines.append(
             f"step time    >= {p.step_time_at_peak * 1e3:.1f} ms at 100% of bf16 peak "
             f"({p.tokens_per_step / p.step_time_at_peak:,.0f} tokens/s at most)"
+        )
+    if p.measured:
+        m = p.measured
+        mfu = f", MFU {m['mfu']:.1%}" if m.get("mfu") else ""
+        lines.append(
+            f"measured     {m['step_s'] * 1e3:.1f} ms/step (median of {m['steps']}), "
+            f"{p.tokens_per_step / m['step_s']:,.0f} tokens/s{mfu}; made-up weights and batch"
+        )
+        peak_in_use = m.get("peak_bytes_in_use")
+        lines.append(
+            f"  allocator peak {_gib(peak_in_use)}  (peak_bytes_in_use, busiest device)"
+            if peak_in_use
+            else "  allocator peak not reported by this backend"
         )
     lines += [f"note: {n}" for n in p.notes]
     if p.fits is None:
