@@ -226,6 +226,5 @@ def inspect_data(
     files["markdown"].write_text(format_markdown(report), encoding="utf-8")
     files["json"].write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     if echo:
-        print(format_console(report))
-        print(f"report written to {out}")
+        print(format_console(report))  # the CLI prints where the report went, once
     return report
