@@ -14,8 +14,25 @@ searching for it, which breaks when tokens merge across the boundary):
 * chat: when the chat template has ``{% generation %}`` markers, transformers' assistant
   mask is used. Otherwise the conversation is rendered up to each assistant turn (with the
   generation prompt) and through it, and the tokens between the two prefixes are that
-  turn's mask. Either way each assistant span must contain the EOS/stop token; tokens the
-  template adds after it (a newline) are not trained, since the model never generates them.
+  turn's mask. Either way each assistant span must contain the turn's stop token; tokens
+  the template adds after it (a newline) are not trained, since the model never generates
+  them.
+
+Pre-flight checks (each a one-line :class:`DataError` naming file and line), aimed at the
+two most common silent failures of chat fine-tuning:
+
+* **one BOS.** A chat/instruction/completion example starts with exactly one BOS when the
+  tokenizer writes one before text (Llama, Mistral, Gemma), and with at most one when it
+  does not (Qwen2, SmolLM2). Two (a prompt or template that already holds BOS, plus the
+  tokenizer's) is an error. A chat template that writes no BOS for a tokenizer that uses
+  one (TinyLlama's) gets the tokenizer's BOS in front, as ``tokenizer(rendered_text)``
+  would give.
+* **the turn terminator is trained.** The token the chat template writes right after an
+  assistant's content (``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``, EOS) is found by
+  rendering a probe conversation (:func:`turn_terminator`), never from a per-model list,
+  and must be inside every assistant turn's loss mask, else the model never learns to
+  stop. Padding never removes it: masks, not token ids, mark padding, so a tokenizer whose
+  pad token is its EOS (SmolLM2) still trains on the real EOS.
 """
 
 from __future__ import annotations
@@ -146,6 +163,26 @@ class Encoder:
         core = full[:-1] if self.auto_eos else full
         # What the tokenizer puts before the text (BOS), reused when chunking documents.
         self.bos = core[: len(core) - len(bare)] if core[len(core) - len(bare) :] == bare else []
+        # The BOS id counted by check_bos: the one the tokenizer writes, else its declared
+        # BOS (which a chat template may still write, as SmolLM2's <|im_start|>).
+        self.bos_id = self.bos[0] if len(self.bos) == 1 else tokenizer.bos_token_id
+
+    def check_bos(self, rec: Record, ids: list[int], cause: str) -> None:
+        """Raises unless ``ids`` starts with exactly one BOS (at most one for tokenizers
+        that write none); ``cause`` says where a second BOS comes from."""
+        if self.bos_id is None:
+            return
+        n = 0
+        while n < len(ids) and ids[n] == self.bos_id:
+            n += 1
+        if n == 1 or (n == 0 and not self.bos):
+            return
+        name = self.tok.convert_ids_to_tokens([self.bos_id])[0]
+        if n == 0:
+            detail = f"no BOS token ({name}) at the start; expected one: the tokenizer writes it before text"
+        else:
+            detail = f"{n} BOS tokens ({name}) at the start: {cause}"
+        raise RowError(rec.source, "BOS count", detail)
 
     def field(self, rec: Record, name: str, kind: type = str) -> Any:
         """A canonical field of a row, through ``data.fields``; None if optional and absent."""
@@ -219,6 +256,19 @@ class PromptResponseEncoder(Encoder):
                     f"({', '.join([*TEMPLATES, 'chat'])}) or a string containing {{instruction}}"
                 )
 
+    def double_bos_cause(self) -> str:
+        name = self.tok.convert_ids_to_tokens([self.bos_id])[0]
+        if self.cfg.format == "completion":
+            where = f"field {self.cfg.fields.get('prompt', 'prompt')!r}"
+        elif self.cfg.template not in TEMPLATES and self.cfg.template.lstrip().startswith(name):
+            where = "data.template"
+        else:
+            where = f"field {self.cfg.fields.get('instruction', 'instruction')!r}"
+        return (
+            f"the prompt text already starts with {name} and the tokenizer adds another; "
+            f"remove {name} from {where} (the tokenizer writes BOS itself)"
+        )
+
     def prompt_response(self, rec: Record) -> tuple[str, str]:
         """The prompt text and the response text of a record."""
         if self.cfg.format == "completion":
@@ -250,6 +300,11 @@ class PromptResponseEncoder(Encoder):
             if f_ids[: len(p_ids)] != p_ids:
                 out[i] = _prefix_error(records[i].source, self.tok, p_ids, f_ids)
                 continue
+            try:
+                self.check_bos(records[i], f_ids, self.double_bos_cause())
+            except RowError as e:
+                out[i] = e
+                continue
             ids = self.with_eos(f_ids)
             if self.cfg.train_on_inputs:
                 mask = [1] * len(ids)
@@ -257,6 +312,56 @@ class PromptResponseEncoder(Encoder):
                 mask = [0] * len(p_ids) + [1] * (len(ids) - len(p_ids))
             out[i] = Encoded(ids, mask)
         return out
+
+
+_PROBE = [
+    {"role": "user", "content": "Probe question?"},
+    {"role": "assistant", "content": "Probe reply."},
+]
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens, including added tokens marked special."""
+    ids = set(tokenizer.all_special_ids)
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(i for i, t in decoder.items() if getattr(t, "special", False))
+    return ids
+
+
+def turn_terminator(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant's content.
+
+    Found by rendering a probe conversation (a user turn, an assistant turn) and
+    tokenizing what follows the assistant's text: ``<|im_end|>`` for ChatML (Qwen2,
+    SmolLM2), ``<end_of_turn>`` for Gemma, ``<|eot_id|>`` for Llama 3, EOS for Llama 2,
+    Mistral and Zephyr. Only whitespace may come before it.
+
+    Returns:
+      The token id, or None when the template writes no special token there (or cannot
+      render the probe).
+
+    Raises:
+      DataError: jinja2, which renders chat templates, is not installed.
+    """
+    try:
+        text = tokenizer.apply_chat_template(_PROBE, tokenize=False)
+    except ImportError as e:
+        raise DataError(
+            f"rendering the tokenizer's chat template needs jinja2 ({e}); pip install 'jinja2>=3.1'"
+        ) from None
+    except Exception:  # a template that rejects the probe; each row reports its own error
+        return None
+    reply = _PROBE[1]["content"]
+    at = text.rfind(reply)
+    if at < 0:
+        return None
+    special = special_token_ids(tokenizer)
+    for tid in tokenizer(text[at + len(reply) :], add_special_tokens=False)["input_ids"]:
+        if tid in special:
+            return int(tid)
+        if tokenizer.decode([tid]).strip():
+            return None
+    return None
 
 
 class ChatEncoder(Encoder):
@@ -273,7 +378,11 @@ class ChatEncoder(Encoder):
                 "this tokenizer has none; use data.format=instruction with a text template"
             )
         self.has_generation_tags = bool(_GENERATION_TAG.search(template))
-        self.stop_ids = {self.eos_id} if self.eos_id is not None else set()
+        # The turn terminator must be trained whatever data.add_eos says; a template that
+        # writes none falls back to EOS, required only with data.add_eos.
+        self.terminator = turn_terminator(tokenizer)
+        stop = self.terminator if self.terminator is not None else self.eos_id
+        self.stop_ids = {stop} if stop is not None else set()
 
     def messages(self, rec: Record) -> list[dict[str, str]]:
         """The record's conversation as role/content dicts, with the system prompt."""
@@ -327,7 +436,21 @@ class ChatEncoder(Encoder):
             ) from None
 
     def finalize(self, rec: Record, ids: list[int], spans: list[tuple[int, int]]) -> Encoded:
-        """Mask from assistant spans; each must hold the stop token (EOS) that ends it."""
+        """Mask from assistant spans; each must hold the stop token that ends the turn.
+
+        ``ids`` are the rendered conversation's tokens (no special tokens added); the
+        tokenizer's BOS goes in front when the template wrote none (spans shift with it).
+        """
+        if self.bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = self.bos + ids
+            spans = [(a + len(self.bos), b + len(self.bos)) for a, b in spans]
+        self.check_bos(
+            rec,
+            ids,
+            "the rendered conversation already starts with BOS and holds another (the chat "
+            "template writes BOS; a message or data.system_prompt starting with it adds one); "
+            "remove the extra one from the data",
+        )
         if self.cfg.train_on_inputs:
             return Encoded(ids, [1] * len(ids))
         if not spans:
@@ -345,20 +468,38 @@ class ChatEncoder(Encoder):
                     f"empty loss mask: assistant turn {k} renders to no tokens in the chat "
                     "template",
                 )
-            if self.cfg.add_eos:
+            if self.terminator is not None or self.cfg.add_eos:
                 stops = [t for t in range(a, b) if ids[t] in self.stop_ids]
                 if not stops:
-                    name = self.tok.convert_ids_to_tokens([self.eos_id])[0]
-                    raise RowError(
-                        rec.source,
-                        "stop token outside mask",
-                        f"assistant turn {k}: the stop token {name!r} is not inside the "
-                        "assistant's loss mask; expected the chat template to end assistant "
-                        "turns with the EOS token (or set data.add_eos=false)",
-                    )
-                b = stops[-1] + 1
+                    raise self._stop_error(rec, k)
+                if self.cfg.add_eos:
+                    b = stops[-1] + 1
             mask[a:b] = [1] * (b - a)
         return Encoded(ids, mask)
+
+    def _stop_error(self, rec: Record, k: int) -> RowError:
+        if self.terminator is None:
+            name = self.tok.convert_ids_to_tokens([self.eos_id])[0]
+            return RowError(
+                rec.source,
+                "stop token outside mask",
+                f"assistant turn {k}: the stop token {name!r} is not inside the "
+                "assistant's loss mask; expected the chat template to end assistant "
+                "turns with the EOS token (or set data.add_eos=false)",
+            )
+        name = self.tok.convert_ids_to_tokens([self.terminator])[0]
+        fix = (
+            "move {% endgeneration %} after it in the chat template"
+            if self.has_generation_tags
+            else "expected the chat template to end every assistant turn with it"
+        )
+        return RowError(
+            rec.source,
+            "turn terminator outside mask",
+            f"assistant turn {k}: the turn terminator {name!r} (what the chat template writes "
+            "after assistant content) is not inside the loss mask, so the model would never "
+            f"learn to stop; {fix}",
+        )
 
     def encode_batch(self, records):
         out: list[Any] = [None] * len(records)

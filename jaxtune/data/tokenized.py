@@ -33,7 +33,7 @@ from jaxtune.data.packing import pack_lengths, padded_length
 from jaxtune.data.splits import SPLITS, SplitSource, hash_files, load_split
 from jaxtune.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: chat BOS prepended when the template writes none; turn terminators
 ENCODE_BATCH = 256
 MAX_SKIP_MESSAGES = 5
 
