@@ -167,3 +167,50 @@ def test_generation_task_file(tmp_path):
     )
     with pytest.raises(DataError, match="gen.jsonl:4: missing field 'prompt'"):
         read_generation_task(str(path))
+
+
+def lm_eval_encode_pair(tok, context: str, continuation: str):
+    """lm-evaluation-harness's rule (lm_eval/api/model.py, TemplateLM._encode_pair),
+    transcribed: all trailing whitespace of the context moves into the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole_enc = tok(context + continuation)["input_ids"]
+    context_enc = tok(context)["input_ids"]
+    return context_enc, whole_enc[len(context_enc) :]
+
+
+def test_jsonl_context_trailing_whitespace_follows_lm_eval(tmp_path, smollm2_tokenizer):
+    """Issue 18 item 13: a context ending in "\\n" (or " \\n\\t") is split as lm-eval splits
+    it, not only its trailing spaces."""
+    from jaxtune.eval.scoring import encode_request
+
+    tok = smollm2_tokenizer
+    path = tmp_path / "ws.jsonl"
+    rows = [
+        {"context": "Question: Is water wet?\nAnswer:\n", "choices": ["yes", "no"], "label": 0},
+        {"context": "Q: 2+2?\nA: \n\t", "choices": ["4", " four"], "label": 0},
+        {"context": "Capital of France:", "choices": [" Paris", " Rome"], "label": 0},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_task(str(path))
+    for it in items:
+        ctx, conts = encode_request(tok, it.context, list(it.choices))
+        for choice, cont in zip(it.choices, conts, strict=True):
+            assert (ctx, cont) == lm_eval_encode_pair(tok, it.context, choice)
+        assert ctx == tok(it.context.rstrip())["input_ids"]
+    # The whitespace is scored as part of each continuation ("\n" + "yes", " \n\t" + "4").
+    ctx, conts = encode_request(tok, items[1].context, list(items[1].choices))
+    assert tok.decode(conts[0]) == " \n\t4"
+    assert tok.decode(ctx) == "Q: 2+2?\nA:"
+
+
+@pytest.mark.parametrize(
+    "task, shots",
+    [("arc_easy", 0), ("arc_easy", 3), ("hellaswag", 0), ("boolq", 0), ("mmlu_anatomy", 5)],
+)
+def test_builtin_contexts_have_no_trailing_whitespace(task, shots):
+    """So the whitespace rule (spaces only, or all of it) cannot change a built-in task."""
+    for it in load_task(task, num_fewshot=shots, limit=30):
+        assert it.context == it.context.rstrip()

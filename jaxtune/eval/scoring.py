@@ -1,7 +1,7 @@
 """Log-likelihood scoring of continuations: multiple choice and label verbalizers.
 
 A request is one context with C candidate continuations. Tokenization follows
-lm-evaluation-harness: trailing spaces of the context move into the continuation, the
+lm-evaluation-harness: trailing whitespace of the context moves into the continuation, the
 context is encoded alone, and a continuation's tokens are the tokens of
 ``context + continuation`` after the context's token count. So every choice of a request
 shares the context's tokens exactly, and the context is run **once** per request:
@@ -95,10 +95,14 @@ def encode_request(
       (context ids, C continuation id lists). An empty context becomes the BOS (else EOS)
       token so the first continuation token always has something to condition on.
     """
-    spaces = len(context) - len(context.rstrip(" "))
+    # All trailing whitespace (spaces, newlines, tabs: ``str.rstrip()``) moves into the
+    # continuation, exactly as lm-evaluation-harness's TemplateLM._encode_pair
+    # (lm_eval/api/model.py): ``n_spaces = len(context) - len(context.rstrip())``, then
+    # ``continuation = context[-n_spaces:] + continuation``, ``context = context[:-n_spaces]``.
+    # "Answer: " + "Paris" is scored as "Answer:" + " Paris": BPE vocabularies attach the
+    # space to the word, so this is the tokenization the model saw in training.
+    spaces = len(context) - len(context.rstrip())
     if spaces:
-        # "Answer: " + "Paris" is scored as "Answer:" + " Paris": BPE vocabularies attach
-        # the space to the word, so this is the tokenization the model saw in training.
         continuations = [context[-spaces:] + c for c in continuations]
         context = context[:-spaces]
     texts = [context] + [context + c for c in continuations]
