@@ -412,3 +412,31 @@ def test_errors_are_one_line_exit_2_through_the_cli(tmp_path, llama_dir, capsys)
         "<s> and the tokenizer adds another; remove <s> from field 'prompt' (the tokenizer "
         "writes BOS itself)"
     ]
+
+
+def test_chat_data_inspect_prints_the_report_path_once(tmp_path, llama_dir, capsys):
+    """Issue 18 item 9: "report written to ..." was printed twice (inspect_data and CLI)."""
+    from jaxtune.cli import main
+    from jaxtune.train.testing import write_config
+
+    data = write_jsonl(tmp_path / "train.jsonl", CHATS)
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        llama_dir,
+        data,
+        tmp_path / "run",
+        data=f"{{train: {data}, format: chat, cache_dir: {tmp_path / 'cache'}}}",
+    )
+    assert main(["data", "inspect", str(cfg), "--out", str(tmp_path / "report")]) == 0
+    assert capsys.readouterr().out.count("report written to") == 1
+
+
+def test_missing_jinja2_is_one_clear_error(tmp_path, llama_dir, monkeypatch):
+    tok = llama_tokenizer(llama_dir, LLAMA3)
+
+    def no_jinja(*args, **kwargs):
+        raise ImportError("apply_chat_template requires jinja2 to be installed.")
+
+    monkeypatch.setattr(tok, "apply_chat_template", no_jinja)
+    with pytest.raises(DataError, match=r"chat template needs jinja2 .*pip install 'jinja2>=3.1'"):
+        build(tmp_path, CHATS, tok)
