@@ -167,9 +167,13 @@ class Encoder:
         # BOS (which a chat template may still write, as SmolLM2's <|im_start|>).
         self.bos_id = self.bos[0] if len(self.bos) == 1 else tokenizer.bos_token_id
 
-    def check_bos(self, rec: Record, ids: list[int], cause: str) -> None:
+    def double_bos_cause(self, name: str) -> str:
+        """Where a second BOS ``name`` comes from, and the fix (per format)."""
+        return f"expected one; remove {name} from the data (the tokenizer writes BOS itself)"
+
+    def check_bos(self, rec: Record, ids: list[int]) -> None:
         """Raises unless ``ids`` starts with exactly one BOS (at most one for tokenizers
-        that write none); ``cause`` says where a second BOS comes from."""
+        that write none, such as Qwen2's and SmolLM2's)."""
         if self.bos_id is None:
             return
         n = 0
@@ -181,7 +185,7 @@ class Encoder:
         if n == 0:
             detail = f"no BOS token ({name}) at the start; expected one: the tokenizer writes it before text"
         else:
-            detail = f"{n} BOS tokens ({name}) at the start: {cause}"
+            detail = f"{n} BOS tokens ({name}) at the start: {self.double_bos_cause(name)}"
         raise RowError(rec.source, "BOS count", detail)
 
     def field(self, rec: Record, name: str, kind: type = str) -> Any:
@@ -256,8 +260,7 @@ class PromptResponseEncoder(Encoder):
                     f"({', '.join([*TEMPLATES, 'chat'])}) or a string containing {{instruction}}"
                 )
 
-    def double_bos_cause(self) -> str:
-        name = self.tok.convert_ids_to_tokens([self.bos_id])[0]
+    def double_bos_cause(self, name: str) -> str:
         if self.cfg.format == "completion":
             where = f"field {self.cfg.fields.get('prompt', 'prompt')!r}"
         elif self.cfg.template not in TEMPLATES and self.cfg.template.lstrip().startswith(name):
@@ -301,7 +304,7 @@ class PromptResponseEncoder(Encoder):
                 out[i] = _prefix_error(records[i].source, self.tok, p_ids, f_ids)
                 continue
             try:
-                self.check_bos(records[i], f_ids, self.double_bos_cause())
+                self.check_bos(records[i], f_ids)
             except RowError as e:
                 out[i] = e
                 continue
@@ -384,6 +387,13 @@ class ChatEncoder(Encoder):
         stop = self.terminator if self.terminator is not None else self.eos_id
         self.stop_ids = {stop} if stop is not None else set()
 
+    def double_bos_cause(self, name: str) -> str:
+        # jaxtune adds no special tokens to the rendered template, so the text holds both.
+        return (
+            f"the rendered chat template already writes {name} and the conversation's text "
+            f"starts with another; remove {name} from the first message or data.system_prompt"
+        )
+
     def messages(self, rec: Record) -> list[dict[str, str]]:
         """The record's conversation as role/content dicts, with the system prompt."""
         if self.cfg.format == "instruction":
@@ -444,13 +454,7 @@ class ChatEncoder(Encoder):
         if self.bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = self.bos + ids
             spans = [(a + len(self.bos), b + len(self.bos)) for a, b in spans]
-        self.check_bos(
-            rec,
-            ids,
-            "the rendered conversation already starts with BOS and holds another (the chat "
-            "template writes BOS; a message or data.system_prompt starting with it adds one); "
-            "remove the extra one from the data",
-        )
+        self.check_bos(rec, ids)
         if self.cfg.train_on_inputs:
             return Encoded(ids, [1] * len(ids))
         if not spans:
