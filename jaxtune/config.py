@@ -31,6 +31,7 @@ import yaml
 
 from jaxtune.config_reference import config_reference_markdown, field_docs
 from jaxtune.config_schema import (
+    APPLIES_TO,
     CHOICES,
     DTYPES,
     PEFT_METHODS,
@@ -53,8 +54,8 @@ from jaxtune.errors import ConfigError
 
 # fmt: off
 __all__ = [
-    "CHOICES", "CheckpointConfig", "Config", "DTYPES", "EvalConfig", "LoggingConfig",
-    "MeshConfig", "ModelConfig", "OptimConfig", "PEFT_METHODS", "PeftConfig", "RANGES",
+    "APPLIES_TO", "CHOICES", "CheckpointConfig", "Config", "DTYPES", "EvalConfig",
+    "LoggingConfig", "MeshConfig", "ModelConfig", "OptimConfig", "PEFT_METHODS", "PeftConfig", "RANGES",
     "RunConfig", "SECTIONS", "TrainConfig", "UNFREEZE_GROUPS", "apply_overrides",
     "config_from_dict", "config_reference_markdown", "config_to_dict", "field_docs",
     "load_config", "resolve_mesh", "save_config", "validate_against_devices",
@@ -191,16 +192,29 @@ def _in_range(value: float, spec: str) -> bool:
     return value > float(bound) if op == ">" else value >= float(bound)
 
 
+def _yaml_value(value: Any) -> str:
+    """A value as it would be written in an override (``[q_proj, v_proj]``, ``null``)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return str(value)
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _Builder:
-    """Turns a raw nested dict into a validated Config, naming where each key came from."""
+    """Turns a raw nested dict into a validated Config, naming where each key came from.
 
-    def __init__(self, source: str, origins: Mapping[str, str]):
-        self.source, self.origins = source, origins
+    ``given``: the dotted keys the user set (checked for keys without effect, see
+    :data:`APPLIES_TO`); None = every ``section.key`` present in the raw dict.
+    """
+
+    def __init__(self, source: str, origins: Mapping[str, str], given: set[str] | None = None):
+        self.source, self.origins, self.given = source, origins, given
 
     def where(self, key: str) -> str:
         while key:
@@ -235,8 +249,34 @@ class _Builder:
             if name not in SECTIONS:
                 self.unknown(str(name), list(SECTIONS))
         cfg = Config(**{name: self.section(name, raw.get(name)) for name in SECTIONS})
+        if self.given is None:
+            self.given = {
+                f"{name}.{key}"
+                for name, section in raw.items()
+                if isinstance(section, Mapping)
+                for key in section
+            }
         self.check(cfg)
+        self.check_no_effect(cfg)
         return cfg
+
+    def check_no_effect(self, cfg: Config) -> None:
+        """A key set to a non-default value that the chosen method ignores is an error."""
+        for key, (selector, applies) in APPLIES_TO.items():
+            if key not in self.given:
+                continue
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            if value == getattr(SECTIONS[section](), name):
+                continue  # a resolved config.yaml lists every key at its default
+            sel_section, sel_name = selector.split(".")
+            chosen = getattr(getattr(cfg, sel_section), sel_name)
+            if chosen not in applies:
+                raise ConfigError(
+                    f"{self.where(key)}: {key}={_yaml_value(value)} has no effect with "
+                    f"{selector}={chosen} (it applies to {selector} {', '.join(applies)}); "
+                    "remove it"
+                )
 
     def section(self, name: str, raw: Any) -> Any:
         cls = SECTIONS[name]
@@ -339,6 +379,12 @@ class _Builder:
                 "trains on labelled data and labelled data needs one (set both to "
                 "classification, or score labels with the LM: format instruction)",
             )
+        if p.method == "feature" and p.head != "classification":
+            self.fail(
+                "peft.method",
+                "feature trains only a classification head; set peft.head=classification "
+                "(and data.format=classification)",
+            )
         if p.head == "classification" and cfg.eval.tasks:
             self.fail("eval.tasks", "LM evaluation tasks need peft.head=lm")
         if not cfg.run.dir:
@@ -415,11 +461,15 @@ def config_from_dict(d: Mapping[str, Any] | None, source: str = "<dict>") -> Con
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str], source: str = "<config>") -> Config:
-    """Return ``cfg`` with dotted ``key=value`` overrides applied, validated again."""
+    """Return ``cfg`` with dotted ``key=value`` overrides applied, validated again.
+
+    Only the overridden keys count as set by the user: ``cfg`` itself was validated, so
+    e.g. ``peft.method=full`` over a LoRA config is not refused for its ``peft.rank``.
+    """
     raw, origins = config_to_dict(cfg), {}
     for arg in overrides:
         _set_override(raw, arg, source, origins)
-    return _Builder(source, origins).build(raw)
+    return _Builder(source, origins, given=set(origins)).build(raw)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -7,7 +7,7 @@ import inspect
 import re
 from typing import Any
 
-from jaxtune.config_schema import CHOICES, RANGES, SECTIONS, Config, config_to_dict
+from jaxtune.config_schema import APPLIES_TO, CHOICES, RANGES, SECTIONS, Config, config_to_dict
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -67,6 +67,10 @@ def config_reference_markdown() -> str:
                 desc += " One of: " + ", ".join(f"`{c}`" for c in CHOICES[dotted]) + "."
             if dotted in RANGES:
                 desc += f" Range: `{RANGES[dotted]}`."
+            if dotted in APPLIES_TO:
+                key, values = APPLIES_TO[dotted]
+                only = ", ".join(f"`{v}`" for v in values)
+                desc += f" Only with `{key}` {only} (otherwise setting it is an error)."
             typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             row = [f"`{f.name}`", f"`{typ}`", f"`{_inline(defaults[f.name])}`", desc]
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")

@@ -347,6 +347,34 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "checkpoint.best_mode": ("min", "max"),
 }
 
+# Keys that only do something for some values of another key: (that key, its values).
+# Setting one of them to a non-default value otherwise is a ConfigError, like an unknown
+# key (``peft.rank=16`` with ``peft.method=full`` would be silently ignored).
+_LORA, _PEFT = ("lora", "dora"), ("lora", "dora", "adapter")
+APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
+    "peft.rank": ("peft.method", _LORA),
+    "peft.alpha": ("peft.method", _LORA),
+    "peft.targets": ("peft.method", _LORA),
+    "peft.rslora": ("peft.method", _LORA),
+    "peft.dropout": ("peft.method", _PEFT),
+    "peft.dtype": ("peft.method", _PEFT),
+    **{
+        f"peft.adapter_{k}": ("peft.method", ("adapter",))
+        for k in ("size", "reduction", "placement", "activation")
+    },
+    # ``full`` trains every parameter already.
+    "peft.unfreeze": ("peft.method", ("lora", "dora", "adapter", "feature")),
+    "peft.unfreeze_top_layers": ("peft.method", ("lora", "dora", "adapter", "feature")),
+    **{
+        f"peft.{k}": ("peft.head", ("classification",))
+        for k in ("num_labels", "pooling", "feature_layer", "head_hidden")
+    },
+    "optim.b1": ("optim.name", ("adamw", "lion")),
+    "optim.b2": ("optim.name", ("adamw", "lion")),
+    "optim.eps": ("optim.name", ("adamw",)),
+    "optim.momentum": ("optim.name", ("sgd",)),
+}
+
 # Numeric ranges per dotted key: "> x", ">= x", or an interval "[a, b)" / "[a, b]".
 _RANGE_GROUPS = {
     "> 0": """model.max_seq_len data.max_examples peft.rank peft.alpha peft.adapter_size

@@ -307,7 +307,7 @@ def test_alpha_required_for_lora_and_dora(method):
     raw = {"train": {"steps": 1}, "peft": {"method": method, "rank": 4}}
     msg = error_of(raw)
     assert "peft.alpha" in msg and method in msg and "peft.alpha=8" in msg
-    raw["peft"]["method"] = "adapter"
+    raw["peft"] = {"method": "adapter"}
     assert config_from_dict(raw).peft.alpha is None
 
 
