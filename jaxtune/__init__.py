@@ -11,6 +11,14 @@ Imports are lazy so ``import jaxtune`` stays light (and never imports torch).
 
 from __future__ import annotations
 
+import os
+
+# jaxtune never uses torch: transformers' "PyTorch was not found. Models won't be
+# available..." advice (printed when it is imported without torch) is noise to a jaxtune
+# user. It is an "advisory" warning; set before transformers is first imported (it is
+# only ever imported through jaxtune's modules). A user's own setting wins.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 __version__ = "0.1.0"
 
 _API = {
