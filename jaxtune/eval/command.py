@@ -105,11 +105,12 @@ def _plan(args) -> dict:
     plan["max_new_tokens"] = args.max_new_tokens
     plan["seq_len"] = args.seq_len or 512
     if cfg is not None:
-        from jaxtune.api import model_kind
+        from jaxtune.api import model_kind, run_has_checkpoint
         from jaxtune.resources import resolve_path
 
         run_dir = Path(cfg.run.dir)
-        is_run = run_dir.is_dir() and model_kind(run_dir) == "run"
+        # A run that has not saved a checkpoint yet: evaluate its base model.
+        is_run = run_dir.is_dir() and model_kind(run_dir) == "run" and run_has_checkpoint(run_dir)
         plan["model"] = plan["model"] or (str(run_dir) if is_run else cfg.model.path)
         plan["tasks"] = plan["tasks"] or ",".join(cfg.eval.tasks)
         plan["limit"] = plan["limit"] or cfg.eval.max_items
@@ -187,6 +188,7 @@ def _evaluate(path: str, args, plan, names: list[str], say) -> dict:
         stop=args.stop,
         out_dir=plan["out_model"],
         log=say,
+        progress=True,
     )
 
 
@@ -200,6 +202,13 @@ def run(args) -> int:
 
     for name in ("--limit", "--batch-size", "--max-len", "--max-new-tokens", "--seq-len"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
+    from jaxtune.api import DTYPES
+    from jaxtune.errors import ConfigError
+    from jaxtune.eval.generate import SamplingConfig
+
+    SamplingConfig(args.max_new_tokens or 64, args.temperature, args.top_k, args.top_p).check()
+    if args.dtype not in DTYPES:
+        raise ConfigError(f"--dtype: got {args.dtype!r}, expected one of {', '.join(DTYPES)}")
     t0 = time.perf_counter()
     plan = _plan(args)
     names = parse_tasks(plan["tasks"])

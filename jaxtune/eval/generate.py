@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -37,6 +39,19 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+    def check(self) -> SamplingConfig:
+        """Returns self; raises ConfigError naming the option (as its CLI flag) if invalid."""
+        rules = (
+            ("--max-new-tokens", self.max_new_tokens, self.max_new_tokens >= 1, "an integer >= 1"),
+            ("--temperature", self.temperature, self.temperature >= 0, "a number >= 0 (0: greedy)"),
+            ("--top-k", self.top_k, self.top_k >= 0, "an integer >= 0 (0: off)"),
+            ("--top-p", self.top_p, 0 < self.top_p <= 1, "a number in (0, 1] (1: off)"),
+        )
+        for flag, value, ok, expected in rules:
+            if not ok:  # also refuses NaN
+                raise ConfigError(f"{flag}: got {value}, expected {expected}")
+        return self
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
@@ -183,8 +198,13 @@ def generate_ids(
       "prefill_seconds", "finish_reasons" [B], "token_counts" [B]}``). ``seconds``
       includes compilation on the first call of a shape.
     """
-    if sampling.max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
+    sampling.check()
+    for i, row in enumerate(prompt_ids):
+        if not len(row):
+            raise ConfigError(
+                f"prompt {i + 1} is empty (it encodes to no tokens, nothing to continue "
+                "from); give it some text"
+            )
     b = len(prompt_ids)
     p = max(len(x) for x in prompt_ids)
     p = -(-p // 8) * 8  # bucket: bounded number of compiled prompt lengths

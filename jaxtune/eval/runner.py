@@ -19,14 +19,79 @@ line fails in a second, not after an hour of scoring.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from jaxtune.errors import ConfigError, DataError
 from jaxtune.eval import tasks as T
 
 PERPLEXITY = ("perplexity", "ppl")
+# Shown first on a task's console line (every other metric follows in its own order).
+HEADLINE = ("acc", "acc_norm", "exact_match", "f1", "loss", "perplexity")
+
+
+class Progress:
+    """Progress of one task on ``stream`` (stderr): items done, items/s and the ETA.
+
+    On a terminal a tqdm bar; otherwise (a log file, CI) one plain line each time
+    another tenth of the items is done, so a log shows the pace without a bar's
+    carriage returns. Call it as ``progress(done, total)``; :meth:`close` at the end.
+    """
+
+    def __init__(self, name: str, stream: TextIO | None = None, unit: str = "item"):
+        self.name, self.unit = name, unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.bar = None
+        self.t0 = time.perf_counter()
+        self.shown = 0  # tenths already reported (plain lines)
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.tty:
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(
+                    total=total, desc=self.name, unit=self.unit, file=self.stream, leave=False
+                )
+            self.bar.update(done - self.bar.n)
+            return
+        tenth = 10 * done // max(total, 1)
+        if tenth <= self.shown:
+            return
+        self.shown = tenth
+        secs = time.perf_counter() - self.t0
+        rate = done / max(secs, 1e-9)
+        eta = (total - done) / rate if rate > 0 else 0.0
+        print(
+            f"  {self.name}: {done}/{total} {self.unit}s ({100 * done // max(total, 1)}%), "
+            f"{rate:.1f} {self.unit}s/s, ETA {_duration(eta)}",
+            file=self.stream,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def metrics_line(metrics: dict) -> str:
+    """Every metric of a task, headline metrics first: ``acc 0.5000, acc_norm ...``."""
+    keys = [k for k in HEADLINE if k in metrics] + [k for k in metrics if k not in HEADLINE]
+    return ", ".join(
+        f"{k} {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
+        for k in keys
+    )
 
 
 def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
@@ -98,11 +163,13 @@ def run_generation(
     batch_size: int = 8,
     chat: bool = False,
     stop: Sequence[str] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generates an answer per row and analyses them.
 
     Prompts are sorted by length and batched with a fixed batch shape (the last batch is
     filled with copies), so a task compiles once per prompt-length bucket.
+    ``progress(done, total)`` is called after each batch.
 
     Returns:
       (flat metrics incl. ``tokens_per_sec``, per-sample records with text and flags).
@@ -127,6 +194,8 @@ def run_generation(
             counts[i] = stats["token_counts"][r]
         tokens += sum(stats["token_counts"][: len(idx)])
         seconds += stats["seconds"]
+        if progress is not None:
+            progress(min(start + bs, len(order)), len(order))
     analysis = analyze_generations(
         texts,
         references=[r["reference"] for r in rows],
@@ -165,6 +234,7 @@ def run_tasks(
     stop: Sequence[str] = (),
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = print,
+    progress: bool = False,
 ) -> dict[str, dict]:
     """Runs evaluation tasks (``jaxtune eval``; the trainer loads once and scores often).
 
@@ -183,7 +253,8 @@ def run_tasks(
       chat: render generation prompts with the chat template.
       stop: stop strings for generation tasks.
       out_dir: if given, per-item predictions / samples go to ``out_dir/predictions/``.
-      log: progress lines (None = silent).
+      log: a line per task with every metric (None = silent).
+      progress: show each task's progress on stderr (:class:`Progress`).
 
     Returns:
       ``{task: {metric: value}}``; multiple-choice tasks have ``acc``, ``acc_norm``,
@@ -207,6 +278,7 @@ def run_tasks(
         stop=stop,
         out_dir=out_dir,
         log=log,
+        progress=progress,
     )
 
 
@@ -268,52 +340,78 @@ def score_tasks(
     stop: Sequence[str] = (),
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = print,
+    progress: bool = False,
 ) -> dict[str, dict]:
     """Scores tasks loaded by :func:`load_tasks`; arguments and result as :func:`run_tasks`."""
-    from jaxtune.eval.generate import SamplingConfig
-    from jaxtune.eval.multiple_choice import evaluate_items, grouped_metrics
-
     say = log or (lambda s: None)
     results: dict[str, dict] = {}
     out = Path(out_dir) if out_dir is not None else None
     for key, (kind, payload) in loaded.items():
         t0 = time.perf_counter()
-        if kind == "perplexity":
-            from jaxtune.eval.perplexity import evaluate_loss
-
-            m = evaluate_loss(model, payload, batch_size=max(1, batch_size // 4))
-            results[key] = {k: m[k] for k in ("loss", "perplexity", "tokens")}
-        elif kind == "generate":
-            sampling = sampling or SamplingConfig()
-            m, samples = run_generation(
+        unit = "prompt" if kind == "generate" else "item"
+        bar = Progress(key, unit=unit) if progress and kind != "perplexity" else None
+        try:
+            _score_one(
                 model,
                 tokenizer,
+                key,
+                kind,
                 payload,
-                sampling,
-                batch_size=max(1, batch_size // 4),
+                results,
+                bar,
+                batch_size=batch_size,
+                max_len=max_len,
+                sampling=sampling,
                 chat=chat,
                 stop=stop,
+                out=out,
             )
-            results[key] = m
-            if out is not None:
-                _write_jsonl(out / "predictions" / f"{key}.jsonl", samples)
-        else:
-            metrics, preds = evaluate_items(
-                model, tokenizer, payload, batch_size=batch_size, max_len=max_len
-            )
-            if key == "mmlu":
-                grouped = grouped_metrics("mmlu", preds)
-                results["mmlu"] = grouped.pop("mmlu")  # the macro average first, then subjects
-                results.update(grouped)
-            else:
-                results[key] = metrics
-            if out is not None:
-                _write_jsonl(out / "predictions" / f"{key}.jsonl", preds)
-        secs = time.perf_counter() - t0
-        shown = results[key]
-        summary = ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-            for k, v in list(shown.items())[:4]
-        )
-        say(f"{key}: {summary} ({secs:.1f}s)")
+        finally:
+            if bar is not None:
+                bar.close()
+        say(f"{key}: {metrics_line(results[key])} ({time.perf_counter() - t0:.1f}s)")
     return results
+
+
+def _score_one(model, tokenizer, key: str, kind: str, payload, results: dict, bar, **opts) -> None:
+    """Scores one loaded task into ``results`` (``mmlu``: also its subjects)."""
+    from jaxtune.eval.generate import SamplingConfig
+    from jaxtune.eval.multiple_choice import evaluate_items, grouped_metrics
+
+    batch_size, out = opts["batch_size"], opts["out"]
+    if kind == "perplexity":
+        from jaxtune.eval.perplexity import evaluate_loss
+
+        m = evaluate_loss(model, payload, batch_size=max(1, batch_size // 4))
+        results[key] = {k: m[k] for k in ("loss", "perplexity", "tokens")}
+    elif kind == "generate":
+        m, samples = run_generation(
+            model,
+            tokenizer,
+            payload,
+            opts["sampling"] or SamplingConfig(),
+            batch_size=max(1, batch_size // 4),
+            chat=opts["chat"],
+            stop=opts["stop"],
+            progress=bar,
+        )
+        results[key] = m
+        if out is not None:
+            _write_jsonl(out / "predictions" / f"{key}.jsonl", samples)
+    else:
+        metrics, preds = evaluate_items(
+            model,
+            tokenizer,
+            payload,
+            batch_size=batch_size,
+            max_len=opts["max_len"],
+            progress=bar,
+        )
+        if key == "mmlu":
+            grouped = grouped_metrics("mmlu", preds)
+            results["mmlu"] = grouped.pop("mmlu")  # the macro average first, then subjects
+            results.update(grouped)
+        else:
+            results[key] = metrics
+        if out is not None:
+            _write_jsonl(out / "predictions" / f"{key}.jsonl", preds)
