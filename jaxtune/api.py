@@ -50,6 +50,23 @@ def model_kind(path: Path) -> str:
     return "hf"
 
 
+def run_has_checkpoint(path: Path) -> bool:
+    """Does a run directory hold a complete checkpoint (a ``checkpoints/<step>`` dir)?"""
+    ckpts = Path(path) / "checkpoints"
+    return ckpts.is_dir() and any(p.is_dir() and p.name.isdigit() for p in ckpts.iterdir())
+
+
+def _check_run_loadable(path: Path, kind: str) -> None:
+    """A run directory that has not saved a checkpoint yet says so (before a base model
+    is loaded for nothing), instead of looking like a model dir without config.json."""
+    looks_like_run = (path / "config.yaml").is_file() and not (path / "config.json").exists()
+    if (kind == "run" or (kind == "hf" and looks_like_run)) and not run_has_checkpoint(path):
+        raise ModelLoadError(
+            f"{path}: the run has no checkpoint yet (training has not saved one); run "
+            f"jaxtune train first, or load its base model (model.path in {path / 'config.yaml'})"
+        )
+
+
 def from_pretrained(
     path: str | os.PathLike,
     dtype="float32",
@@ -84,6 +101,7 @@ def from_pretrained(
 
     path = resolve_path(path)
     kind = model_kind(path)
+    _check_run_loadable(path, kind)
     dtype = resolve_dtype(dtype)
     if quantize is not None:
         check_format(quantize)
@@ -172,34 +190,46 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def save_pretrained(
-    model: nnx.Module, out_dir: str | os.PathLike, *, tokenizer=None, dtype=None
+    model: nnx.Module,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    dtype=None,
+    overwrite: bool = False,
 ) -> Path:
     """Writes an HF directory (adapters merged) that transformers loads.
 
-    The tokenizer is copied from ``model.source`` when not given. A
+    ``out_dir`` is written atomically. An existing non-empty ``out_dir`` is refused
+    (``OutputError``) unless ``overwrite``, which replaces an earlier jaxtune export
+    only, never a directory holding anything else. The tokenizer is copied from
+    ``model.source`` when not given. A
     ``SequenceClassifier`` becomes a verified ``*ForSequenceClassification`` dir
     (``jaxtune.classify.export_classifier``; weights keep their dtype). Quantized
     kernels are dequantized first, then LoRA is merged into them (as PEFT merges into
     bitsandbytes models): the files hold dense weights.
     """
-    from jaxtune.hf.io import save_hf
+    from jaxtune.hf.io import check_out_dir, overwriting, save_hf
     from jaxtune.models.heads import SequenceClassifier
     from jaxtune.peft import merged_copy
     from jaxtune.quant import dequantize_model
 
+    check_out_dir(out_dir, overwrite)  # before any work
     model = dequantize_model(model)
 
     if isinstance(model, SequenceClassifier):
         from jaxtune.classify import export_classifier
 
-        export_classifier(model, out_dir, tokenizer=tokenizer)
+        with overwriting(overwrite):
+            export_classifier(model, out_dir, tokenizer=tokenizer)
         return Path(out_dir)
     if tokenizer is None and getattr(model, "source", None):
         try:
             tokenizer = load_tokenizer(model.source)
         except ModelLoadError:
             tokenizer = None
-    return save_hf(merged_copy(model), out_dir, tokenizer=tokenizer, dtype=dtype)
+    return save_hf(
+        merged_copy(model), out_dir, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite
+    )
 
 
 # ------------------------------------------------------------- jaxtune checkpoints
@@ -211,10 +241,13 @@ def flat_params(model: nnx.Module, variable_type=nnx.Param) -> dict[str, jax.Arr
     return {".".join(str(p) for p in path): var[...] for path, var in flat}
 
 
-def save_checkpoint(model: nnx.Module, out_dir: str | os.PathLike, *, tokenizer=None) -> Path:
+def save_checkpoint(
+    model: nnx.Module, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False
+) -> Path:
     """Writes ``jaxtune.json`` + Orbax params (+ tokenizer files), atomically.
 
-    Quantized kernels are saved dequantized (the values the model computes with);
+    An existing non-empty ``out_dir`` is refused unless ``overwrite`` (which replaces an
+    earlier jaxtune output only; see :func:`save_pretrained`). Quantized kernels are saved dequantized (the values the model computes with);
     ``from_pretrained(..., quantize=...)`` quantizes them again.
     """
     import orbax.checkpoint as ocp
@@ -226,7 +259,7 @@ def save_checkpoint(model: nnx.Module, out_dir: str | os.PathLike, *, tokenizer=
     model = dequantize_model(model)
 
     out_dir = Path(out_dir).absolute()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         params = flat_params(model)
         dtype = str(next(iter(params.values())).dtype)
         _param_checkpointer().save(tmp / "params", args=ocp.args.PyTreeSave(params))
@@ -292,12 +325,20 @@ def load_checkpoint(path: Path, dtype=None, sharding=None, **opts) -> nnx.Module
     return model
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, dtype="float32") -> Path:
-    """HF dir / .gguf -> jaxtune checkpoint (params + resolved config + tokenizer)."""
+def convert(
+    src: str | os.PathLike, out: str | os.PathLike, dtype="float32", *, overwrite: bool = False
+) -> Path:
+    """HF dir / .gguf -> jaxtune checkpoint (params + resolved config + tokenizer).
+
+    ``overwrite``: replace an earlier jaxtune output at ``out`` (else it is refused).
+    """
+    from jaxtune.hf.io import check_out_dir
+
+    check_out_dir(out, overwrite)  # before loading anything
     # Tokenizer first: its build peak then never stacks on top of the loaded weights.
     tokenizer = load_tokenizer(src)
     model = from_pretrained(src, dtype=dtype)
-    return save_checkpoint(model, out, tokenizer=tokenizer)
+    return save_checkpoint(model, out, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def numpy_logits(model, input_ids, attention_mask=None) -> np.ndarray:

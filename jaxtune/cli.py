@@ -133,6 +133,11 @@ def _add_convert(sub) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="parameter dtype of the checkpoint (default: float32)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is an earlier jaxtune export (anything else is never replaced)",
+    )
 
 
 def _add_export(sub) -> None:
@@ -157,6 +162,11 @@ def _add_export(sub) -> None:
         default=None,
         choices=["float32", "bfloat16", "float16"],
         help="weight dtype in the files (default: the parameters' dtype)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is an earlier jaxtune export (anything else is never replaced)",
     )
 
 
@@ -216,17 +226,25 @@ def cmd_convert(args) -> int:
     from jaxtune.api import convert
 
     t0 = time.perf_counter()
-    out = convert(args.src, args.out, dtype=args.dtype)
+    out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote jaxtune checkpoint {out} ({time.perf_counter() - t0:.1f}s)")
     return 0
 
 
 def cmd_export(args) -> int:
     from jaxtune.api import from_pretrained, load_tokenizer, model_kind
+    from jaxtune.hf.io import check_out_dir, overwriting
     from jaxtune.peft.export import export_adapter, export_merged
     from jaxtune.resources import resolve_path
 
     src = resolve_path(args.src)
+    check_out_dir(args.out, args.overwrite)  # refuse before loading anything
+    if args.adapter and model_kind(src) != "run":
+        from jaxtune.errors import ConfigError
+
+        raise ConfigError(
+            f"{src}: --adapter needs a training run directory (it holds the base model path)"
+        )
     model = from_pretrained(src)
     from jaxtune.models.heads import SequenceClassifier
 
@@ -239,35 +257,34 @@ def cmd_export(args) -> int:
                 f"{src}: a classification run exports as a merged "
                 "*ForSequenceClassification directory; use --merged"
             )
-        diff = export_classifier(model, args.out, tokenizer=load_tokenizer(src))
-        print(f"wrote {args.out} (verified: max |logit diff| {diff:.2e})")
-        return 0
-    if args.adapter:
-        if model_kind(src) != "run":
-            from jaxtune.errors import ConfigError
-
-            raise ConfigError(
-                f"{src}: --adapter needs a training run directory (it holds the base model path)"
-            )
+        with overwriting(args.overwrite):
+            diff = export_classifier(model, args.out, tokenizer=load_tokenizer(src))
+    elif args.adapter:
         from jaxtune.checkpoint import run_model_source
 
-        diff = export_adapter(model, args.out, run_model_source(src))
+        diff = export_adapter(model, args.out, run_model_source(src), overwrite=args.overwrite)
     else:
         tokenizer = load_tokenizer(src)
-        diff = export_merged(model, args.out, tokenizer=tokenizer, dtype=args.dtype)
+        diff = export_merged(
+            model, args.out, tokenizer=tokenizer, dtype=args.dtype, overwrite=args.overwrite
+        )
     print(f"wrote {args.out} (verified: max |logit diff| {diff:.2e})")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from jaxtune.api import from_pretrained, load_tokenizer
+    from jaxtune.api import DTYPES, from_pretrained, load_tokenizer
+    from jaxtune.errors import ConfigError
     from jaxtune.eval.generate import SamplingConfig, generate_text
 
-    model = from_pretrained(args.model, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.model)
+    # Every option is checked before a model is loaded.
     sampling = SamplingConfig(
         args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
-    )
+    ).check()
+    if args.dtype not in DTYPES:
+        raise ConfigError(f"--dtype: got {args.dtype!r}, expected one of {', '.join(DTYPES)}")
+    model = from_pretrained(args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
     texts, stats = generate_text(
         model, tokenizer, args.prompt, sampling, chat=args.chat, stop=args.stop
     )

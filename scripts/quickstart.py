@@ -76,7 +76,8 @@ def main(argv: list[str]) -> int:
     from jaxtune.peft.export import export_merged
 
     export_dir = run_dir / "export" / "merged"
-    diff = export_merged(tuned, export_dir, tokenizer=tokenizer)
+    # A rerun replaces its earlier export (jaxtune refuses to replace anything else).
+    diff = export_merged(tuned, export_dir, tokenizer=tokenizer, overwrite=True)
     majority = max(
         np.mean([r["label"] for r in splits["test"]]),
         1 - np.mean([r["label"] for r in splits["test"]]),

@@ -22,15 +22,16 @@ quantized the same way.
 Verification reloads what was written (merged: ``jaxtune.from_pretrained``; adapter:
 base + :func:`load_peft_adapter`) and compares logits on a fixed probe batch while the
 files are still in the temporary directory: a mismatch raises and nothing is left at
-``out``.
+``out``. An existing non-empty ``out`` is refused unless ``overwrite=True``, which
+replaces an earlier jaxtune export (never a directory holding anything else); see
+:func:`jaxtune.hf.io.atomic_dir`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -136,6 +137,46 @@ def _target_modules(model, modules: list[str]) -> list[str] | str:
     return "^(" + "|".join(m.replace(".", r"\.") for m in sorted(modules)) + ")$"
 
 
+_HUB_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/([\w.-]+/[\w.-]+?)/?$")
+
+
+def base_model_reference(base) -> str | None:
+    """What an adapter's ``base_model_name_or_path`` should say for the base ``base``.
+
+    peft / transformers open that value with ``from_pretrained``: a ``pkg:`` path means
+    nothing to them, so it is resolved to the absolute local path. A GGUF base names its
+    Hugging Face repository when the file's metadata records it
+    (``general.source.huggingface.repository`` or a huggingface.co
+    ``general.source.url`` / ``repo_url``); otherwise the absolute path of the file
+    (load it with ``from_pretrained(dir, gguf_file=name)``). A value that is not a local
+    path (a hub name) is kept as given.
+    """
+    if base is None:
+        return None
+    from jaxtune.resources import resolve_path
+
+    path = resolve_path(base)
+    if not path.exists():
+        return str(base)
+    path = path.absolute()
+    if path.is_file() and path.suffix == ".gguf":
+        from jaxtune.hf.gguf_reader import GGUFFile
+
+        try:
+            meta = GGUFFile(path)
+            repo = meta.get("general.source.huggingface.repository")
+            urls = [meta.get(f"general.source.{k}") for k in ("url", "repo_url")]
+        except (OSError, ValueError):
+            return str(path)
+        if isinstance(repo, str) and repo.count("/") == 1:
+            return repo
+        for url in urls:
+            m = _HUB_URL.match(url) if isinstance(url, str) else None
+            if m:
+                return m.group(1)
+    return str(path)
+
+
 def _write_adapter(model: nnx.Module, out: Path, base_model_name_or_path) -> None:
     spec = lora_spec(model)
     if spec is None:
@@ -148,9 +189,7 @@ def _write_adapter(model: nnx.Module, out: Path, base_model_name_or_path) -> Non
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None
-        if base_model_name_or_path is None
-        else str(base_model_name_or_path),
+        "base_model_name_or_path": base_model_reference(base_model_name_or_path),
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
@@ -169,37 +208,20 @@ def _write_adapter(model: nnx.Module, out: Path, base_model_name_or_path) -> Non
     st.write_file(out / ADAPTER_WEIGHTS, tensors)
 
 
-@contextlib.contextmanager
-def _atomic_out(out: Path):
-    """``atomic_dir`` that may also replace an earlier adapter export at ``out``."""
-    out = Path(out)
-    old_adapter = (out / ADAPTER_CONFIG).is_file() and not (out / "config.json").exists()
-    if not old_adapter:
-        with atomic_dir(out) as tmp:
-            yield tmp
-        return
-    # atomic_dir only overwrites model dirs: move the old adapter aside, restore on error.
-    aside = out.with_name(f".{out.name}.prev-{os.getpid()}")
-    os.replace(out, aside)
-    try:
-        with atomic_dir(out) as tmp:
-            yield tmp
-    except BaseException:
-        if not out.exists():
-            os.replace(aside, out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path=None) -> Path:
+def save_peft_adapter(
+    model: nnx.Module, out_dir, base_model_name_or_path=None, *, overwrite: bool = False
+) -> Path:
     """Writes a PEFT LoRA adapter dir (atomically; no verification, see export_adapter).
+
+    ``base_model_name_or_path`` is recorded as :func:`base_model_reference` gives it.
+    ``overwrite`` replaces an earlier jaxtune export at ``out_dir`` (else refused).
 
     Raises:
       ConfigError: the model has bottleneck adapters (no PEFT format) or no LoRA.
     """
     _no_bottleneck(model, "peft adapter export")
     out = Path(out_dir)
-    with _atomic_out(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_adapter(model, tmp, base_model_name_or_path)
     return out
 
@@ -320,7 +342,6 @@ def _compare(model, reloaded, tol, what: str, hint: str = "") -> float:
     diff = float(np.abs(ref - got).max())
     atol, rtol = tol if tol is not None else default_tolerance(_param_dtype(model))
     limit = atol + rtol * float(np.abs(ref).max())
-    print(f"{what} verification: max |logit diff| = {diff:.3e} (limit {limit:.1e})")
     if not diff <= limit:  # also catches NaN
         raise ExportError(
             f"{what}: reloaded export differs from the model (max |logit diff| {diff:.3e} > "
@@ -329,7 +350,9 @@ def _compare(model, reloaded, tol, what: str, hint: str = "") -> float:
     return diff
 
 
-def export_merged(model: nnx.Module, out, tokenizer=None, *, dtype=None, tol=None) -> float:
+def export_merged(
+    model: nnx.Module, out, tokenizer=None, *, dtype=None, tol=None, overwrite: bool = False
+) -> float:
     """Writes the merged HF dir at ``out`` and verifies it; returns the max logit diff.
 
     Args:
@@ -339,6 +362,8 @@ def export_merged(model: nnx.Module, out, tokenizer=None, *, dtype=None, tol=Non
       tokenizer: saved beside the weights (default: from ``model.source``).
       dtype: file dtype (default: the parameters' dtype).
       tol: (atol, rtol) override of :func:`default_tolerance`.
+      overwrite: replace an earlier jaxtune export at ``out`` (only that: a directory
+        holding anything else is refused); False refuses any existing non-empty ``out``.
     """
     import jaxtune
     from jaxtune.api import save_pretrained
@@ -346,24 +371,28 @@ def export_merged(model: nnx.Module, out, tokenizer=None, *, dtype=None, tol=Non
     _no_bottleneck(model, "merged export")
     out = Path(out)
     dtype = dtype or _param_dtype(model)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         save_pretrained(model, tmp, tokenizer=tokenizer, dtype=dtype)
         reloaded = jaxtune.from_pretrained(tmp, dtype=dtype, scan_layers=model.config.scan_layers)
         return _compare(model, reloaded, tol, "merged export")
 
 
-def export_adapter(model: nnx.Module, out, base_path, *, tol=None) -> float:
+def export_adapter(
+    model: nnx.Module, out, base_path, *, tol=None, overwrite: bool = False
+) -> float:
     """Writes a PEFT adapter dir at ``out`` and verifies it; returns the max logit diff.
 
     Verification loads ``base_path`` with jaxtune, imports the written adapter and
     compares logits with ``model``. Unfrozen base parameters (``peft.unfreeze``) are
     not part of a LoRA adapter, so such a model fails here: export it merged instead.
+    ``base_model_name_or_path`` in the adapter config is :func:`base_model_reference`
+    of ``base_path``; ``overwrite`` as in :func:`export_merged`.
     """
     import jaxtune
 
     _no_bottleneck(model, "peft adapter export")
     out = Path(out)
-    with _atomic_out(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_adapter(model, tmp, base_path)
         base = jaxtune.from_pretrained(
             base_path,
