@@ -16,13 +16,21 @@ seen as the latest step.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import re
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
-from jaxtune.errors import ModelLoadError
+from jaxtune.errors import ConfigError, DiskFullError, JaxtuneError, ModelLoadError
+
+_NO_SPACE = ("No space left on device", "os_error_code='28'", "Disk quota exceeded")
 
 
 def _name(path) -> str:
@@ -53,8 +61,89 @@ def abstract_named(tree) -> dict[str, jax.ShapeDtypeStruct]:
     }
 
 
+def _oserror_in(exc: BaseException | None, seen: set | None = None) -> OSError | None:
+    """The first full-disk / permission OSError in ``exc``'s chain (Orbax wraps them:
+    TensorStore reports ``ValueError: RESOURCE_EXHAUSTED ... No space left on device``)."""
+    seen = set() if seen is None else seen
+    if exc is None or id(exc) in seen:
+        return None
+    seen.add(id(exc))
+    codes = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
+    if isinstance(exc, OSError) and exc.errno in codes:
+        return exc
+    if any(s in str(exc) for s in _NO_SPACE):
+        return OSError(errno.ENOSPC, "No space left on device")
+    for sub in getattr(exc, "exceptions", None) or ():  # ExceptionGroup
+        found = _oserror_in(sub, seen)
+        if found is not None:
+            return found
+    context = None if exc.__suppress_context__ else exc.__context__
+    return _oserror_in(exc.__cause__, seen) or _oserror_in(context, seen)
+
+
+def os_error_message(exc: BaseException, where) -> Exception | None:
+    """A one-line error for a full disk (DiskFullError) or a permission problem
+    (ConfigError) anywhere in ``exc``'s chain while writing ``where``; else None."""
+    found = None if isinstance(exc, JaxtuneError) else _oserror_in(exc)
+    if found is None:
+        return None
+    if found.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"no space left on device writing {where}")
+    target = getattr(found, "filename", None) or where
+    return ConfigError(f"cannot write {target} ({found.strerror or 'permission denied'})")
+
+
+class _QuietFailedSaves(logging.Filter):
+    """Drops Orbax's and asyncio's logs (with tracebacks) about a full disk or about a
+    failed save's temporary directory: the save's caller raises one line instead.
+
+    A failed save has echoes: Orbax logs it from each of its threads, writes still in
+    flight in TensorStore's threads fail later (on the removed temporary directory) and
+    asyncio logs "Task exception was never retrieved" for them. Other messages pass.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.silenced = list(_NO_SPACE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return not any(s in text for s in self.silenced)
+
+
+_QUIET = _QuietFailedSaves()
+
+
+def _install_quiet() -> None:
+    """Installs the filter above, and drops the "Event loop is closed" RuntimeErrors that
+    TensorStore completions of a failed save raise (as unraisable exceptions) into
+    Orbax's already-closed event loop."""
+    for name in ("absl", "asyncio"):
+        if _QUIET not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_QUIET)
+    hook = sys.unraisablehook
+    if getattr(hook, "_jaxtune", False):
+        return
+
+    def quiet(args):
+        exc = args.exc_value
+        if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+            return
+        hook(args)
+
+    quiet._jaxtune = True
+    sys.unraisablehook = quiet
+
+
 class Checkpointer:
-    """Thin wrapper over ``ocp.CheckpointManager`` for ``run_dir/checkpoints``."""
+    """Thin wrapper over ``ocp.CheckpointManager`` for ``run_dir/checkpoints``.
+
+    A save that fails on a full disk raises :class:`DiskFullError` (from ``save``,
+    ``wait`` or ``close``, whichever sees it: saves may be asynchronous) after removing
+    the temporary directory of that save; complete checkpoints are kept.
+    """
 
     def __init__(
         self,
@@ -83,6 +172,30 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("params", "opt_state", "data", "meta"), options=options
         )
+        self._saving: list[int] = []  # steps saved since the last completed wait
+        self._closed = False
+        _install_quiet()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Full disk / permission errors of Orbax -> one line; the failed save's temporary
+        directory (only one this Checkpointer started) is removed."""
+        try:
+            yield
+        except Exception as e:
+            step = re.search(r"checkpoints/(\d+)\.orbax-checkpoint-tmp", str(e))
+            steps = [int(step.group(1))] if step else list(self._saving)
+            err = os_error_message(e, self.directory / str(steps[0]) if steps else self.directory)
+            if err is None:
+                raise
+            steps = steps or list(self._saving)
+            _QUIET.silenced += [f"{self.directory}/{s}.orbax-checkpoint-tmp" for s in steps]
+            # Stop Orbax's threads before removing what they were writing.
+            self._closed = True
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            self._remove_tmp(steps)
+            raise err from None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -111,9 +224,26 @@ class Checkpointer:
         )
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(to_named(opt_state))
-        self.manager.save(
-            step, args=ocp.args.Composite(**items), metrics=metrics or None, force=True
-        )
+        with self._writing():
+            self._saving.append(int(step))
+            self.manager.save(
+                step, args=ocp.args.Composite(**items), metrics=metrics or None, force=True
+            )
+
+    def _remove_tmp(self, steps) -> None:
+        """Removes the temporary directories of these (failed) saves, and again a moment
+        later: writes still in flight in TensorStore's threads may land after the first
+        removal."""
+        for attempt in range(3):
+            found = [
+                tmp
+                for step in set(steps)
+                for tmp in self.directory.glob(f"{int(step)}.orbax-checkpoint-tmp*")
+            ]
+            for tmp in found:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if attempt < 2:
+                time.sleep(0.1)
 
     def restore(self, step: int, params_like, opt_state_like=None):
         """(params, opt_state or None, data_state, meta) restored into the live shardings."""
@@ -145,11 +275,27 @@ class Checkpointer:
         return params, opt_state, r["data"], r["meta"]
 
     def wait(self):
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
+        self._saving.clear()
 
-    def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, *, quiet: bool = False):
+        """Waits for pending saves and closes the manager (its threads and event loop).
+
+        ``quiet``: on an error path, where the exception already propagating matters
+        more than a save's, errors of the pending saves are swallowed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        except Exception:
+            if not quiet:
+                raise
+        finally:
+            with contextlib.suppress(Exception):
+                self.manager.close()
 
 
 def run_model_source(run_dir: Path) -> str:
@@ -199,13 +345,15 @@ def load_run_model(run_dir: Path, dtype=None, step: int | None = None, **opts):
         apply_peft(model, cfg.peft, rngs=nnx.Rngs(cfg.train.seed))
         filt = trainable_filter(model, cfg.peft)
     ckpt = Checkpointer(run_dir, async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise ModelLoadError(f"{run_dir}: the run has no checkpoint yet")
-    _, params, _ = nnx.split(model, filt, ...)
-    params, _, _, _ = ckpt.restore(step, params)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise ModelLoadError(f"{run_dir}: the run has no checkpoint yet")
+        _, params, _ = nnx.split(model, filt, ...)
+        params, _, _, _ = ckpt.restore(step, params)
+    finally:
+        ckpt.close(quiet=True)
     nnx.update(model, params)
-    ckpt.close()
     model.source = str(cfg.model.path)
     return model
 

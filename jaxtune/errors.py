@@ -31,3 +31,11 @@ class TrainingError(JaxtuneError):
     """Training cannot continue (NaN loss, diverged); exit code 1 since it is runtime."""
 
     exit_code = 1
+
+
+class DiskFullError(JaxtuneError):
+    """The disk filled up while writing (a checkpoint, the run directory); exit code 1
+    since it is runtime: free space and re-run (the run resumes from its last complete
+    checkpoint)."""
+
+    exit_code = 1
