@@ -6,8 +6,8 @@ same sharded step (the loss is cross-entropy over the labels), checkpoints, exac
 resume, validation, logging. This module holds what differs:
 
 - :func:`label_info`: the label set, fixed when the run starts and kept in the run
-  directory (``labels.json``), so a resumed run and ``jaxtune export`` rebuild the same
-  head.
+  directory (``labels.json``, written by :func:`keep_labels` once the run's checks have
+  passed), so a resumed run and ``jaxtune export`` rebuild the same head.
 - :func:`final_classifier_report`: accuracy / macro-F1 / confusion matrix on the test
   split (else validation) -> ``classification_report.{json,md}``.
 - :func:`run_feature_head`: ``peft.method: feature`` with nothing unfrozen has no
@@ -36,8 +36,10 @@ def feature_only(cfg) -> bool:
     return p.method == "feature" and not p.unfreeze and not p.unfreeze_top_layers
 
 
-def label_info(cfg, train_ds, run_dir: Path) -> dict:
-    """``{"num_labels", "label_names"}`` of the run; written to / checked against the run dir.
+def label_info(cfg, train_ds, run_dir: Path | None) -> dict:
+    """``{"num_labels", "label_names"}`` of the run, checked against the labels saved in
+    ``run_dir`` (None: a run started over); nothing is written (:func:`keep_labels`
+    does, once the run starts).
 
     Raises:
       ConfigError: a resumed run whose data now has other labels than its checkpoint.
@@ -47,11 +49,13 @@ def label_info(cfg, train_ds, run_dir: Path) -> dict:
     if k < 2:
         raise ConfigError(f"data.train has {k} label(s); a classifier needs at least 2")
     info = {"num_labels": int(k), "label_names": names if len(names) == k else None}
-    return _keep_labels(run_dir, info)
+    if run_dir is not None:
+        check_labels(run_dir, info)
+    return info
 
 
-def _keep_labels(run_dir: Path, info: dict) -> dict:
-    """Writes ``info`` to the run's labels file, or checks it against the one there."""
+def check_labels(run_dir: Path, info: dict) -> None:
+    """ConfigError if the run dir holds a labels file with another label set."""
     path = Path(run_dir) / LABELS_FILE
     if path.exists():
         saved = json.loads(path.read_text())
@@ -60,7 +64,13 @@ def _keep_labels(run_dir: Path, info: dict) -> dict:
                 f"{path}: the run was started with labels {saved}, the data now gives {info}; "
                 "use a new run.dir"
             )
-    elif jax.process_index() == 0:
+
+
+def keep_labels(run_dir: Path, info: dict) -> dict:
+    """Writes ``info`` to the run's labels file, or checks it against the one there."""
+    check_labels(run_dir, info)
+    path = Path(run_dir) / LABELS_FILE
+    if not path.exists() and jax.process_index() == 0:
         path.write_text(json.dumps(info, indent=2))
     return info
 
@@ -143,8 +153,14 @@ def final_classifier_report(cfg, graphdef, params, frozen, datasets, run_dir, st
     return {f"{split}/{k}": result[k] for k in ("accuracy", "macro_f1", "majority")}
 
 
-def run_feature_head(cfg, run_dir: Path, t_start: float) -> dict:
-    """``jaxtune train`` for ``peft.method: feature``: cached features + a fitted head."""
+def run_feature_head(cfg, run_dir: Path, t_start: float, commit=None) -> dict:
+    """``jaxtune train`` for ``peft.method: feature``: cached features + a fitted head.
+
+    ``commit(labels)`` checks the labels against the run's and creates the run directory
+    (config + labels) once the data has been read and the head fitted, so a failure
+    before leaves no trace; None = the directory exists already (only the labels are
+    written).
+    """
     from jaxtune.classify import run
 
     feature = {"head_lr": cfg.optim.lr}
@@ -155,7 +171,10 @@ def run_feature_head(cfg, run_dir: Path, t_start: float) -> dict:
     split = result["eval_split"]
     step = int(cfg.train.steps or 0)
     result.update(split=split, step=step)
-    _keep_labels(run_dir, labels)
+    if commit is not None:
+        commit(labels)
+    else:
+        keep_labels(run_dir, labels)
     _save_head(cfg, Path(run_dir), head, step)
     _write(Path(run_dir), result, None)
     summary = {

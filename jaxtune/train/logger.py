@@ -44,6 +44,7 @@ class MetricsLogger:
         params=None,
         devices=None,
     ):
+        self.closed = False
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.main = jax.process_index() == 0
@@ -108,7 +109,23 @@ class MetricsLogger:
         if self.main:
             tqdm.write(f"warning: {msg}", file=sys.stderr)
 
+    def abort(self) -> None:
+        """Closes the sinks on an error path (no loss curve, no summary line)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.bar.close()
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish(exit_code=1)
+
     def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.bar.close()
         if self.file:
             self.file.close()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -33,7 +32,9 @@ from jaxtune.checkpoint import Checkpointer, scan_layers_for
 from jaxtune.config import Config, save_config, validate_against_devices
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.sharding import batch_sharding, make_mesh, state_shardings, variable_sharding
+from jaxtune.train.classification import check_labels, keep_labels
 from jaxtune.train.logger import MetricsLogger
+from jaxtune.train.run_dir import check_resume, plan_start, writing
 from jaxtune.train.state import init_opt_state, jit_train_step, make_state, train_state_shardings
 from jaxtune.train.step import make_eval_step, stack_micro_batches
 
@@ -47,27 +48,84 @@ def _sync(name: str) -> None:
 
 
 def prepare_run_dir(cfg: Config) -> tuple[Path, bool]:
-    """(run dir, whether to resume). Refuses to clobber a non-empty dir unless asked.
+    """(run dir, whether to resume): checks, then creates the directory and its config.
 
-    A directory holding a resolved ``config.yaml`` and a ``checkpoints/`` folder is a
-    jaxtune run: it is resumed (from scratch if it died before its first checkpoint).
+    For callers that need the directory before anything else; :func:`train` checks the
+    data, model and settings first and only then commits (:mod:`jaxtune.train.run_dir`).
     Every host decides before any host writes, so the decision is the same everywhere.
     """
-    run_dir = Path(cfg.run.dir)
-    is_run = (run_dir / "checkpoints").is_dir() and (run_dir / "config.yaml").is_file()
-    overwrite = bool(cfg.train.overwrite and run_dir.exists())
-    if not overwrite and run_dir.exists() and any(run_dir.iterdir()):
-        if not (cfg.train.resume and is_run):
-            raise ConfigError(
-                f"run.dir {run_dir} is not empty and holds no checkpoint to resume; "
-                "choose another run.dir or pass train.overwrite=true"
-            )
+    plan = plan_start(cfg)
+    check_resume(plan, cfg)
+    _commit(plan, cfg)
+    return plan.path, plan.resume
+
+
+def _commit(plan, cfg: Config, labels: dict | None = None) -> None:
+    """Process 0 clears (overwrite) / creates the run dir, its marker and config.yaml
+    (and a classifier's labels.json)."""
+    if labels is not None and plan.mode != "overwrite":
+        check_labels(plan.path, labels)
     _sync("jaxtune_run_dir_checked")
-    if overwrite and jax.process_index() == 0:
-        shutil.rmtree(run_dir)
+    if jax.process_index() == 0:
+
+        def write(path: Path) -> None:
+            save_config(cfg, path)
+            if labels is not None:
+                keep_labels(plan.path, labels)
+
+        plan.commit(write)
     _sync("jaxtune_run_dir_cleared")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, bool(is_run and cfg.train.resume and not overwrite)
+
+
+def position_limit(model_cfg) -> tuple[int | None, bool]:
+    """(positions the model covers, whether they are learned) from its config.
+
+    Learned position tables (BERT, GPT-2, GPT-Neo) have ``max_position_embeddings``
+    rows. RoPE models cover ``max_position_embeddings``, or what ``rope_scaling``
+    extends it to (``original_max_position_embeddings`` x ``factor``).
+    """
+    n = getattr(model_cfg, "max_position_embeddings", None)
+    if not n:
+        return None, False
+    if not hasattr(model_cfg, "rope_theta"):
+        return int(n), True
+    scaling = dict(getattr(model_cfg, "rope_scaling", None) or ())
+    factor = float(scaling.get("factor") or 1.0)
+    original = int(scaling.get("original_max_position_embeddings") or n)
+    return max(int(n), int(original * factor)), False
+
+
+def check_positions(cfg: Config) -> None:
+    """ConfigError when ``train.seq_len`` exceeds the model's position limit.
+
+    Past a learned table, positions index nothing (NaN losses); past a RoPE model's
+    range, attention sees angles it never saw. ``model.max_seq_len`` set explicitly
+    lets a RoPE model be trained past its range on purpose (context extension).
+    """
+    from jaxtune.api import model_kind
+    from jaxtune.resources import resolve_path
+    from jaxtune.train.plan import model_config
+
+    if not cfg.model.path:
+        raise ConfigError(
+            "model.path is required (an HF dir, a .gguf file or a jaxtune checkpoint)"
+        )
+    model_kind(resolve_path(cfg.model.path))  # a missing path: one line, now
+    limit, learned = position_limit(model_config(cfg))
+    seq_len = cfg.train.seq_len
+    if limit is None or seq_len <= limit:
+        return
+    if learned:
+        raise ConfigError(
+            f"train.seq_len={seq_len} exceeds the {limit} positions of {cfg.model.path} "
+            f"(max_position_embeddings, a learned table): set train.seq_len <= {limit}"
+        )
+    if cfg.model.max_seq_len is None:
+        raise ConfigError(
+            f"train.seq_len={seq_len} exceeds the {limit} positions {cfg.model.path} "
+            f"supports (max_position_embeddings / rope_scaling): set train.seq_len <= "
+            f"{limit}, or model.max_seq_len={seq_len} to train past it on purpose"
+        )
 
 
 def device_batch(batch: dict, mesh, leading: int = 0, labels: bool = False) -> dict:
@@ -221,10 +279,15 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
       distinct batch shape; fixed ``data.length_buckets`` keep it at one).
 
     Raises:
-      ConfigError: the mesh or batch does not fit the devices, or the run dir is taken.
+      ConfigError: the mesh or batch does not fit the devices, ``train.seq_len`` exceeds
+        the model's positions, the run dir is not jaxtune's (or is a file, or read-only),
+        or a resumed run's saved settings differ (see :mod:`jaxtune.train.run_dir`).
+      DataError / ModelLoadError: bad data or model; run.dir is left as it was.
       TrainingError: the loss, gradients or weights became non-finite.
+      DiskFullError: the disk filled up (a checkpoint's temporary directory is removed).
     """
-    with _Preempt() as pre:  # from the start: a signal during setup exits cleanly too
+    # From the start: a signal during setup exits cleanly too.
+    with _Preempt() as pre, writing(cfg.run.dir):
         return _train(cfg, pre, stop_after)
 
 
@@ -255,23 +318,31 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
             f"{jax.process_count()} processes (mesh.tensor must fit within one host)"
         )
     mesh = make_mesh(data_n, fsdp_n, tensor_n)
-    run_dir, resume = prepare_run_dir(cfg)
-    if jax.process_index() == 0:
-        save_config(cfg, run_dir / "config.yaml")
+    # Everything a user can get wrong is checked before run.dir is touched (the
+    # directory, the saved settings of a resumed run, the model's positions, the data,
+    # the model, eval tasks, the checkpoint to restore): a start that fails leaves
+    # run.dir exactly as it was. ``_commit`` then creates / clears it and writes.
+    plan = plan_start(cfg)
+    check_resume(plan, cfg)
+    check_positions(cfg)
+    run_dir = plan.path
 
     is_cls = cfg.peft.head == "classification"
     if is_cls and feature_only(cfg):
-        return run_feature_head(cfg, run_dir, t_start)
+        return run_feature_head(
+            cfg, run_dir, t_start, commit=lambda labels: _commit(plan, cfg, labels)
+        )
     tokenizer = load_tokenizer(cfg.model.path)
     datasets = build_datasets(cfg.data, tokenizer, cfg.train.seq_len)
     if "train" not in datasets:
         raise ConfigError("data.train is required")
-    labels = label_info(cfg, datasets["train"], run_dir) if is_cls else None
+    if is_cls:  # a run started over is not held to the labels it deletes
+        labels = label_info(cfg, datasets["train"], None if plan.mode == "overwrite" else run_dir)
+    else:
+        labels = None
     model = build_model(cfg, mesh, labels)
     filt = classifier_filter(model, cfg.peft) if is_cls else trainable_filter(model, cfg.peft)
     info = summary(model, filt)
-    if jax.process_index() == 0:
-        print(info["text"])
     graphdef, params, frozen = nnx.split(model, filt, ...)
     loss_sums = loss_sums_for(model, cfg.model.loss_chunk)
     del model
@@ -288,165 +359,184 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
     tx = build_optimizer(cfg.optim, n_steps, params)
     schedule = lr_schedule(cfg.optim, n_steps)
     opt_state = init_opt_state(tx, params, mesh)
-    ckpt = Checkpointer(
-        run_dir,
-        keep=cfg.checkpoint.keep,
-        keep_best=cfg.checkpoint.keep_best,
-        best_metric=cfg.checkpoint.best_metric,
-        best_mode=cfg.checkpoint.best_mode,
-        async_save=cfg.checkpoint.async_save,
-    )
-    start_step = 0
-    # Early stopping's memory travels in the checkpoint, so a resumed run stops exactly
-    # where the uninterrupted one would.
-    watch = {"best": None, "bad_evals": 0, "last_eval": None}
-    if resume and ckpt.latest_step() is not None:
-        start_step = ckpt.latest_step()
-        # Restored straight into the live shardings: a run saved on another mesh or
-        # device count resumes here unchanged.
-        params, opt_state, data_state, meta = ckpt.restore(start_step, params, opt_state)
-        it.restore(data_state)
-        watch.update(meta.get("watch", {}))
-        if jax.process_index() == 0:
-            print(f"resumed {run_dir} at step {start_step}")
-    state = make_state(start_step, params, opt_state, cfg.train.seed, mesh)
-    del params, opt_state
-    step_fn = jit_train_step(
-        graphdef,
-        tx,
-        train_state_shardings(state["params"], state["opt_state"], mesh),
-        state_shardings(frozen, mesh),
-        mesh,
-        grad_accum=cfg.train.grad_accum,
-        dropout=cfg.peft.dropout > 0,
-        loss_sums=loss_sums,
-        batch_ndims={k: (1 if k == "labels" else 2) for k in _CLS_KEYS} if is_cls else None,
-    )
-    eval_fn = jax.jit(make_eval_step(graphdef, loss_chunk=cfg.model.loss_chunk))
-    val = datasets.get("validation")
     tasks = TaskEvals(cfg, tokenizer, datasets, graphdef, run_dir, n_steps)
 
-    def evaluate(params) -> dict:
-        if not is_cls:
-            return evaluate_loss(eval_fn, params, frozen, val, cfg, mesh)
-        m = classifier_metrics(
-            graphdef, params, frozen, val, cfg.train.batch_size, cfg.train.max_eval_batches
+    def checkpointer() -> Checkpointer:
+        return Checkpointer(
+            run_dir,
+            keep=cfg.checkpoint.keep,
+            keep_best=cfg.checkpoint.keep_best,
+            best_metric=cfg.checkpoint.best_metric,
+            best_mode=cfg.checkpoint.best_mode,
+            async_save=cfg.checkpoint.async_save,
         )
-        m.pop("confusion")
-        return m
 
-    logger = MetricsLogger(
-        run_dir, cfg, n_steps, start_step, params=info, devices=list(mesh.devices.flat)
-    )
-    saved = {"step": start_step if start_step else None}
-
-    def save(step_no: int, metrics: dict) -> None:
-        # Orbax copies the arrays to host memory before ``save`` returns (on CPU it
-        # holds the buffers, and XLA then declines to donate them), so the next step
-        # donating ``state`` can never change what is being written.
-        if saved["step"] != step_no:
-            meta = {"step": step_no, "watch": dict(watch)}  # a copy: saves may be async
-            ckpt.save(step_no, state["params"], state["opt_state"], it.state(), meta, metrics)
-            saved["step"] = step_no
-
-    nonfinite = None
-    stop_reason = "completed"
-    lead = 0 if cfg.train.grad_accum == 1 else 1
-    watched = cfg.train.early_stopping_metric
-    if tasks.due(start_step) and start_step == 0:
-        tasks.run(0, state["params"], frozen)  # the "before" column of the report
-    for step in range(start_step, n_steps):
-        if pre.agreed():
-            stop_reason = f"stopped by {pre.signal}"
-            break
-        micro = [next(it) for _ in range(cfg.train.grad_accum)]
-        if is_cls:
-            micro = [{k: b[k] for k in _CLS_KEYS} for b in micro]
-        batch = micro[0] if cfg.train.grad_accum == 1 else stack_micro_batches(micro)
-        t0 = time.perf_counter()
-        state, metrics = step_fn(state, frozen, device_batch(batch, mesh, lead, labels=is_cls))
-        metrics = jax.device_get(metrics)  # one host sync per step, all scalars at once
-        row = {
-            "step": step + 1,
-            "loss": float(metrics["loss"]),
-            "lr": float(schedule(step)),
-            "grad_norm": float(metrics["grad_norm"]),
-            "tokens": float(metrics["tokens"]),
-            "seq_tokens": int(batch["attention_mask"].sum()) * jax.process_count(),
-            "step_time": time.perf_counter() - t0,
-            "epoch": it.epoch,
-        }
-        if not bool(metrics["finite"]):
-            nonfinite = _nonfinite_message(row, saved["step"], ckpt)
-            break
-        do_eval = (
-            val is not None and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
+    ckpt, logger = None, None
+    try:
+        start_step = 0
+        # Early stopping's memory travels in the checkpoint, so a resumed run stops
+        # exactly where the uninterrupted one would.
+        watch = {"best": None, "bad_evals": 0, "last_eval": None}
+        if plan.resume:
+            ckpt = checkpointer()  # reads the existing checkpoints/; writes nothing
+            if ckpt.latest_step() is not None:
+                start_step = ckpt.latest_step()
+                # Restored straight into the live shardings: a run saved on another mesh
+                # or device count resumes here unchanged.
+                params, opt_state, data_state, meta = ckpt.restore(start_step, params, opt_state)
+                it.restore(data_state)
+                watch.update(meta.get("watch", {}))
+        _commit(plan, cfg, labels)
+        if ckpt is None:
+            ckpt = checkpointer()
+        if jax.process_index() == 0:
+            print(info["text"])
+            if start_step:
+                print(f"resumed {run_dir} at step {start_step}")
+        state = make_state(start_step, params, opt_state, cfg.train.seed, mesh)
+        del params, opt_state
+        step_fn = jit_train_step(
+            graphdef,
+            tx,
+            train_state_shardings(state["params"], state["opt_state"], mesh),
+            state_shardings(frozen, mesh),
+            mesh,
+            grad_accum=cfg.train.grad_accum,
+            dropout=cfg.peft.dropout > 0,
+            loss_sums=loss_sums,
+            batch_ndims={k: (1 if k == "labels" else 2) for k in _CLS_KEYS} if is_cls else None,
         )
-        evaluated = False
-        if do_eval or (val is not None and step + 1 == n_steps):
-            ev = evaluate(state["params"])
-            row.update(ev)
-            evaluated = True
-            last_eval = watch["last_eval"]
-            if (
-                last_eval is not None
-                and ev["eval/loss"] > last_eval[0]
-                and row["loss"] < last_eval[1]
-            ):
-                logger.warn(
-                    f"validation loss rose ({last_eval[0]:.4f} -> {ev['eval/loss']:.4f}) while "
-                    "training loss fell: the model may be overfitting"
-                )
-            watch["last_eval"] = [float(ev["eval/loss"]), row["loss"]]
-        if tasks.due(step + 1):
-            row.update(tasks.run(step + 1, state["params"], frozen))
-            evaluated = True
-        metric = row.get(watched) if evaluated else None
-        if metric is not None:
-            if improved(watched, metric, watch["best"]):
-                watch.update(best=float(metric), bad_evals=0)
-            else:
-                watch["bad_evals"] += 1
-        logger.log(row)
-        every = cfg.checkpoint.every
-        if every and (step + 1) % every == 0:
-            save(step + 1, _ev(row))
-        if stop_after is not None and step + 1 >= stop_after and step + 1 < n_steps:
-            stop_reason = f"stopped after step {step + 1}"
-            break
-        patience = cfg.train.early_stopping_patience
-        if patience and watch["bad_evals"] >= patience:
-            stop_reason = f"early stopping: {cfg.train.early_stopping_metric} did not improve"
-            break
-    final_step = int(jax.device_get(state["step"]))
-    if nonfinite is None:
-        save(final_step, _ev(logger.last))
-    ckpt.close()
-    logger.close(stop_reason)
-    if nonfinite:
-        raise TrainingError(nonfinite)
-    report = tasks.write_report(final_step) if tasks else None
-    if report is not None:
-        print(f"evaluation report: {report['md']}")
-    final_eval = {k: v for k, v in logger.last.items() if k.startswith(("eval/", "tasks/"))}
-    if is_cls:
-        final_eval.update(
-            final_classifier_report(
-                cfg, graphdef, state["params"], frozen, datasets, run_dir, final_step
+        eval_fn = jax.jit(make_eval_step(graphdef, loss_chunk=cfg.model.loss_chunk))
+        val = datasets.get("validation")
+
+        def evaluate(params) -> dict:
+            if not is_cls:
+                return evaluate_loss(eval_fn, params, frozen, val, cfg, mesh)
+            m = classifier_metrics(
+                graphdef, params, frozen, val, cfg.train.batch_size, cfg.train.max_eval_batches
             )
+            m.pop("confusion")
+            return m
+
+        logger = MetricsLogger(
+            run_dir, cfg, n_steps, start_step, params=info, devices=list(mesh.devices.flat)
         )
-    summary_out = {
-        "run_dir": str(run_dir),
-        "steps": final_step,
-        "stop_reason": stop_reason,
-        "final_loss": logger.last.get("loss"),
-        "eval": final_eval,
-        "seconds": time.perf_counter() - t_start,
-        "compiles": step_fn._cache_size(),
-    }
-    if jax.process_index() == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary_out, indent=2))
-    return summary_out
+        saved = {"step": start_step if start_step else None}
+
+        def save(step_no: int, metrics: dict) -> None:
+            # Orbax copies the arrays to host memory before ``save`` returns (on CPU it
+            # holds the buffers, and XLA then declines to donate them), so the next step
+            # donating ``state`` can never change what is being written.
+            if saved["step"] != step_no:
+                meta = {"step": step_no, "watch": dict(watch)}  # a copy: saves may be async
+                ckpt.save(step_no, state["params"], state["opt_state"], it.state(), meta, metrics)
+                saved["step"] = step_no
+
+        nonfinite = None
+        stop_reason = "completed"
+        lead = 0 if cfg.train.grad_accum == 1 else 1
+        watched = cfg.train.early_stopping_metric
+        if tasks.due(start_step) and start_step == 0:
+            tasks.run(0, state["params"], frozen)  # the "before" column of the report
+        for step in range(start_step, n_steps):
+            if pre.agreed():
+                stop_reason = f"stopped by {pre.signal}"
+                break
+            micro = [next(it) for _ in range(cfg.train.grad_accum)]
+            if is_cls:
+                micro = [{k: b[k] for k in _CLS_KEYS} for b in micro]
+            batch = micro[0] if cfg.train.grad_accum == 1 else stack_micro_batches(micro)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, frozen, device_batch(batch, mesh, lead, labels=is_cls))
+            metrics = jax.device_get(metrics)  # one host sync per step, all scalars at once
+            row = {
+                "step": step + 1,
+                "loss": float(metrics["loss"]),
+                "lr": float(schedule(step)),
+                "grad_norm": float(metrics["grad_norm"]),
+                "tokens": float(metrics["tokens"]),
+                "seq_tokens": int(batch["attention_mask"].sum()) * jax.process_count(),
+                "step_time": time.perf_counter() - t0,
+                "epoch": it.epoch,
+            }
+            if not bool(metrics["finite"]):
+                nonfinite = _nonfinite_message(row, saved["step"], ckpt)
+                break
+            do_eval = (
+                val is not None and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
+            )
+            evaluated = False
+            if do_eval or (val is not None and step + 1 == n_steps):
+                ev = evaluate(state["params"])
+                row.update(ev)
+                evaluated = True
+                last_eval = watch["last_eval"]
+                if (
+                    last_eval is not None
+                    and ev["eval/loss"] > last_eval[0]
+                    and row["loss"] < last_eval[1]
+                ):
+                    logger.warn(
+                        f"validation loss rose ({last_eval[0]:.4f} -> {ev['eval/loss']:.4f}) while "
+                        "training loss fell: the model may be overfitting"
+                    )
+                watch["last_eval"] = [float(ev["eval/loss"]), row["loss"]]
+            if tasks.due(step + 1):
+                row.update(tasks.run(step + 1, state["params"], frozen))
+                evaluated = True
+            metric = row.get(watched) if evaluated else None
+            if metric is not None:
+                if improved(watched, metric, watch["best"]):
+                    watch.update(best=float(metric), bad_evals=0)
+                else:
+                    watch["bad_evals"] += 1
+            logger.log(row)
+            every = cfg.checkpoint.every
+            if every and (step + 1) % every == 0:
+                save(step + 1, _ev(row))
+            if stop_after is not None and step + 1 >= stop_after and step + 1 < n_steps:
+                stop_reason = f"stopped after step {step + 1}"
+                break
+            patience = cfg.train.early_stopping_patience
+            if patience and watch["bad_evals"] >= patience:
+                stop_reason = f"early stopping: {cfg.train.early_stopping_metric} did not improve"
+                break
+        final_step = int(jax.device_get(state["step"]))
+        if nonfinite is None:
+            save(final_step, _ev(logger.last))
+        ckpt.close()
+        logger.close(stop_reason)
+        if nonfinite:
+            raise TrainingError(nonfinite)
+        report = tasks.write_report(final_step) if tasks else None
+        if report is not None:
+            print(f"evaluation report: {report['md']}")
+        final_eval = {k: v for k, v in logger.last.items() if k.startswith(("eval/", "tasks/"))}
+        if is_cls:
+            final_eval.update(
+                final_classifier_report(
+                    cfg, graphdef, state["params"], frozen, datasets, run_dir, final_step
+                )
+            )
+        summary_out = {
+            "run_dir": str(run_dir),
+            "steps": final_step,
+            "stop_reason": stop_reason,
+            "final_loss": logger.last.get("loss"),
+            "eval": final_eval,
+            "seconds": time.perf_counter() - t_start,
+            "compiles": step_fn._cache_size(),
+        }
+        if jax.process_index() == 0:
+            (run_dir / "summary.json").write_text(json.dumps(summary_out, indent=2))
+        return summary_out
+    finally:
+        # On an error path: stop Orbax's threads (no "Event loop is closed" noise) and
+        # close the metrics file; both are no-ops after a clean finish.
+        if ckpt is not None:
+            ckpt.close(quiet=True)
+        if logger is not None:
+            logger.abort()
 
 
 def _ev(row: dict) -> dict:
