@@ -335,3 +335,19 @@ def test_progress_is_a_bar_on_a_terminal():
     text = stream.getvalue()
     assert "arc_easy" in text and "/10 [" in text and "item/s" in text  # tqdm: rate + ETA
     assert "ETA" not in text  # no plain log lines on a terminal
+
+
+def test_eval_generation_task_with_an_empty_prompt(tiny, capsys):
+    task = tiny["root"] / "empty_prompt.jsonl"
+    task.write_text('{"prompt": "alpha"}\n{"prompt": " "}\n')
+    code, _, err = run_cli(["eval", "--model", tiny["model"], "--tasks", task], capsys)
+    assert f"{task}:2: field 'prompt' is empty" in one_error(code, err)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--temperature", "-0.5"), ("--top-p", "2"), ("--dtype", "int8")]
+)
+def test_eval_checks_sampling_options_first(tiny, capsys, flag, value):
+    argv = ["eval", "--model", tiny["model"], "--tasks", "arc_easy", flag, value]
+    code, _, err = run_cli(argv, capsys)
+    assert one_error(code, err).startswith(f"error: {flag}: got")

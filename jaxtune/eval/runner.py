@@ -145,6 +145,8 @@ def read_generation_task(path: str) -> list[dict]:
                     f'{where}: missing field \'prompt\' (expected {{"prompt": str, "reference": '
                     "str (optional)})"
                 )
+            if not row["prompt"].strip():
+                raise DataError(f"{where}: field 'prompt' is empty (expected the text to continue)")
             ref = row.get("reference", row.get("answer"))
             ok = ref is None or isinstance(ref, str)
             ok = ok or (isinstance(ref, list) and all(isinstance(r, str) for r in ref))
