@@ -351,3 +351,28 @@ def test_eval_checks_sampling_options_first(tiny, capsys, flag, value):
     argv = ["eval", "--model", tiny["model"], "--tasks", "arc_easy", flag, value]
     code, _, err = run_cli(argv, capsys)
     assert one_error(code, err).startswith(f"error: {flag}: got")
+
+
+def test_atomic_dir_overwrite_rules(tmp_path):
+    from jaxtune.hf.io import EXPORT_MARKER, OutputError, atomic_dir, overwriting
+
+    out = tmp_path / "x"
+    with atomic_dir(out) as d:
+        (d / "config.json").write_text("{}")
+    assert json.loads((out / EXPORT_MARKER).read_text())["files"] == ["config.json"]
+    with pytest.raises(OutputError, match="already exists"), atomic_dir(out):
+        pass
+    # Writers without an ``overwrite`` argument (classify.export_classifier) get it here.
+    with overwriting(), atomic_dir(out) as d:
+        (d / "config.json").write_text('{"a": 1}')
+    assert json.loads((out / "config.json").read_text()) == {"a": 1}
+    # An export of a jaxtune from before the marker: recognised by its unsigned files.
+    (out / EXPORT_MARKER).unlink()
+    (out / "tokenizer.json").write_text("{}")
+    with atomic_dir(out, overwrite=True) as d:
+        (d / "adapter_config.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", EXPORT_MARKER]
+    # A path that is a file is never a directory to write.
+    (tmp_path / "f").write_text("")
+    with pytest.raises(OutputError, match="not a directory"), atomic_dir(tmp_path / "f"):
+        pass
