@@ -376,3 +376,16 @@ def test_atomic_dir_overwrite_rules(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(OutputError, match="not a directory"), atomic_dir(tmp_path / "f"):
         pass
+
+
+def test_full_disk_during_an_export_is_one_line(tmp_path):
+    import errno
+
+    from jaxtune.errors import DiskFullError
+    from jaxtune.hf.io import atomic_dir
+
+    with pytest.raises(DiskFullError, match="no space left on device writing"):
+        with atomic_dir(tmp_path / "out") as d:
+            (d / "config.json").write_text("{}")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []

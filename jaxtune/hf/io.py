@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune import quant
-from jaxtune.errors import ConfigError, JaxtuneError, ModelLoadError
+from jaxtune.errors import ConfigError, DiskFullError, JaxtuneError, ModelLoadError
 from jaxtune.hf import safetensors_io as st
 from jaxtune.hf.keymap import keymap_for, path_str
 from jaxtune.models import abstract_model, family_for_model_type, family_of_config, fill_model
@@ -417,7 +417,8 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool | None = None):
     permissions and carries ``jaxtune_export.json`` listing what it holds.
 
     Raises:
-      OutputError: ``out_dir`` may not be written, cannot be created, or the disk is full.
+      OutputError: ``out_dir`` may not be written or cannot be created.
+      DiskFullError: the disk filled up (nothing is left behind).
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
@@ -433,7 +434,7 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool | None = None):
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(f"no space left on device writing {out_dir}") from None
+            raise DiskFullError(f"no space left on device writing {out_dir}") from None
         raise
     if not out_dir.exists():
         os.replace(tmp, out_dir)
