@@ -466,3 +466,18 @@ def test_gemma3_real_tokenizer_trains_end_of_turn(tmp_path):
             runs = trained_runs(ids, mask)
             assert runs and all(run[-1] == term for run in runs) == add_eos
             assert all(term in run for run in runs)
+
+
+@pytest.mark.parametrize("template", [LLAMA3, ZEPHYR])
+def test_generate_chat_prompt_starts_like_training_data(llama_dir, template):
+    """`jaxtune generate --chat` renders prompts with one BOS, as training examples get:
+    the template's own, or the tokenizer's when the template writes none (Zephyr)."""
+    from jaxtune.eval.generate import render_prompt
+
+    tok = llama_tokenizer(llama_dir, template)
+    ids = render_prompt(tok, "Hi there", chat=True)
+    assert leading(ids, tok.bos_token_id) == 1
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True
+    )
+    assert ids == tok(text, add_special_tokens=template == ZEPHYR)["input_ids"]

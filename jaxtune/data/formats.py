@@ -129,6 +129,27 @@ def derive_label_names(values: list[Any]) -> list[str]:
         return sorted(uniq)
 
 
+def auto_eos(tokenizer) -> bool:
+    """Whether the tokenizer appends EOS to every text by itself."""
+    eos = tokenizer.eos_token_id
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(eos is not None and full and full[-1] == eos and not (bare and bare[-1] == eos))
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer writes before every text (its BOS), or [] if none.
+
+    Chat templates are rendered to text and tokenized without special tokens; a template
+    that writes no BOS of its own then gets this prefix, as ``tokenizer(rendered)`` would.
+    """
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if auto_eos(tokenizer):
+        full = full[:-1]
+    return full[: len(full) - len(bare)] if full[len(full) - len(bare) :] == bare else []
+
+
 class Encoder:
     """Base class: field lookup, tokenization and shared bookkeeping.
 
@@ -154,15 +175,11 @@ class Encoder:
             raise DataError(
                 "data.add_eos is true but the tokenizer has no EOS token; set data.add_eos=false"
             )
-        bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-        full = tokenizer("a", add_special_tokens=True)["input_ids"]
         # Some tokenizers append EOS themselves; it is stripped and re-added explicitly so
         # an example never carries two EOS tokens.
-        self.auto_eos = bool(self.eos_id is not None and full and full[-1] == self.eos_id)
-        self.auto_eos = self.auto_eos and not (bare and bare[-1] == self.eos_id)
-        core = full[:-1] if self.auto_eos else full
+        self.auto_eos = auto_eos(tokenizer)
         # What the tokenizer puts before the text (BOS), reused when chunking documents.
-        self.bos = core[: len(core) - len(bare)] if core[len(core) - len(bare) :] == bare else []
+        self.bos = bos_prefix(tokenizer)
         # The BOS id counted by check_bos: the one the tokenizer writes, else its declared
         # BOS (which a chat template may still write, as SmolLM2's <|im_start|>).
         self.bos_id = self.bos[0] if len(self.bos) == 1 else tokenizer.bos_token_id

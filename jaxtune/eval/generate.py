@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune.data.formats import bos_prefix
 from jaxtune.errors import ConfigError
 
 
@@ -273,9 +274,9 @@ def generate_ids(
 def render_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
     """Token ids of a prompt, through the chat template when ``chat``.
 
-    The rendered template already holds every special token (BOS, role markers), so it is
-    tokenized with ``add_special_tokens=False``: ids equal
-    ``apply_chat_template(..., tokenize=True)`` (tested), never a doubled BOS.
+    The rendered template holds the role markers and usually BOS, so it is tokenized with
+    ``add_special_tokens=False`` (never a doubled BOS); a template that writes no BOS
+    (TinyLlama, Zephyr) gets the tokenizer's, exactly as training data is encoded.
     """
     if chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -286,7 +287,9 @@ def render_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None)
             {"role": "user", "content": prompt}
         ]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = bos_prefix(tokenizer)
+        return bos + ids if bos and ids[: len(bos)] != bos else ids
     return tokenizer(prompt)["input_ids"]
 
 
