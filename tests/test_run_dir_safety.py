@@ -292,3 +292,26 @@ def test_disk_full_while_checkpointing(root, capfd, tmp_path):
         )
         assert not list((run / "checkpoints").glob("*orbax-checkpoint-tmp*"))
         assert (run / "config.yaml").is_file()  # the run itself is intact
+
+
+def test_what_a_directory_without_marker_may_hold(tmp_path):
+    from jaxtune.train.run_dir import plan_start
+
+    def start(files: dict, *over):
+        run = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+        for name, text in files.items():
+            (run / name).parent.mkdir(parents=True, exist_ok=True)
+            (run / name).write_text(text)
+        run.mkdir(exist_ok=True)
+        cfg = load_config(None, [f"run.dir={run}", "train.steps=1", "peft.alpha=8", *over])
+        return plan_start(cfg)
+
+    assert start({}).mode == "fresh"  # empty
+    # What jaxtune's own commands left there is adopted.
+    assert start({"data_report/report.json": "{}"}).mode == "fresh"
+    assert start({"eval/eval_report.json": "{}", "eval/eval_report.md": ""}).mode == "fresh"
+    # A user's own config.yaml, an eval folder of theirs: never written over.
+    for files in ({"config.yaml": "train: {steps: 1}"}, {"eval/mine.txt": "x"}):
+        for over in ((), ("train.overwrite=true",)):
+            with pytest.raises(ConfigError, match="not a jaxtune run directory"):
+                start(files, *over)

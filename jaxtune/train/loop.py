@@ -13,6 +13,11 @@ Failure modes it handles:
   run resumes from the last *complete* checkpoint.
 - A non-finite loss, gradient or weight: stop before saving anything from that step
   (every checkpoint on disk is usable) and name the last good checkpoint.
+- A start that fails (bad data, model or seq_len, a resume whose saved settings differ,
+  a run.dir that is not jaxtune's): nothing is written; run.dir is left as it was
+  (:mod:`jaxtune.train.run_dir`: what jaxtune owns, what overwrite may delete).
+- A full disk: one line naming the checkpoint being written; its temporary directory
+  is removed and the earlier checkpoints stay usable.
 """
 
 from __future__ import annotations
@@ -45,19 +50,6 @@ def _sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def prepare_run_dir(cfg: Config) -> tuple[Path, bool]:
-    """(run dir, whether to resume): checks, then creates the directory and its config.
-
-    For callers that need the directory before anything else; :func:`train` checks the
-    data, model and settings first and only then commits (:mod:`jaxtune.train.run_dir`).
-    Every host decides before any host writes, so the decision is the same everywhere.
-    """
-    plan = plan_start(cfg)
-    check_resume(plan, cfg)
-    _commit(plan, cfg)
-    return plan.path, plan.resume
 
 
 def _commit(plan, cfg: Config, labels: dict | None = None) -> None:

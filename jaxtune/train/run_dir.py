@@ -55,9 +55,13 @@ OWNED = frozenset(
         "report.md",  # scripts/quickstart.py
     }
 )
-# What an older `jaxtune data inspect` left in a directory without a marker: such a
-# directory is adopted (nothing in it is ever deleted by adopting it).
-_ADOPTABLE = {"data_report": {"report.json", "report.md", "lengths.png"}}
+# What jaxtune's other commands leave in a run.dir without a marker (an older `jaxtune
+# data inspect`; `jaxtune eval CONFIG`, whose report goes to RUN_DIR/eval): a directory
+# holding only these, recognised by their files, is adopted as a run directory.
+_ADOPTABLE = {
+    "data_report": lambda names: names <= {"report.json", "report.md", "lengths.png"},
+    "eval": lambda names: bool(names & {"eval_report.json", "eval_meta.json"}),
+}
 
 # Settings that may differ between a run's saved config.yaml and the config that
 # resumes it. Everything else changes what the checkpoint holds (shapes: peft.*,
@@ -176,7 +180,7 @@ def inspect(run_dir: str | Path) -> RunDirState:
     st.adoptable = all(
         n in _ADOPTABLE
         and (run_dir / n).is_dir()
-        and {p.name for p in (run_dir / n).iterdir()} <= _ADOPTABLE[n]
+        and _ADOPTABLE[n]({p.name for p in (run_dir / n).iterdir()})
         for n in entries
     )
     ckpts = run_dir / "checkpoints"
