@@ -87,10 +87,10 @@ def os_error_message(exc: BaseException, where) -> Exception | None:
     found = None if isinstance(exc, JaxtuneError) else _oserror_in(exc)
     if found is None:
         return None
-    if found.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"no space left on device writing {where}")
     target = getattr(found, "filename", None) or where
-    return ConfigError(f"cannot write {target} ({found.strerror or 'permission denied'})")
+    if found.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"no space left on device writing {target}")
+    return ConfigError(f"cannot access {target} ({found.strerror or 'permission denied'})")
 
 
 class _QuietFailedSaves(logging.Filter):

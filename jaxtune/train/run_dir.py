@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jaxtune.checkpoint import os_error_message
-from jaxtune.errors import ConfigError
+from jaxtune.errors import ConfigError, DiskFullError
 
 MARKER = ".jaxtune-run"
 MARKER_VERSION = 1
@@ -215,19 +215,23 @@ class StartPlan:
         """
         run_dir = self.path
         top = _top_missing(run_dir)
-        with writing(run_dir):
+        try:
             if self.mode == "overwrite":
                 for name in sorted(os.listdir(run_dir)):
                     if name != MARKER and _is_owned_name(name):
                         _remove(run_dir / name)
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                write_marker(run_dir)
-                write_config(run_dir / "config.yaml")
-            except BaseException:
-                if top is not None:  # leave no half-made run directory behind
-                    shutil.rmtree(top, ignore_errors=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_marker(run_dir)
+            write_config(run_dir / "config.yaml")
+        except Exception as e:
+            if top is not None:  # leave no half-made run directory behind
+                shutil.rmtree(top, ignore_errors=True)
+            err = os_error_message(e, run_dir)  # DiskFullError for a full disk
+            if isinstance(e, OSError) and not isinstance(err, DiskFullError):
+                err = ConfigError(f"run.dir {run_dir} cannot be written ({e.strerror or e})")
+            if err is None:
                 raise
+            raise err from None
 
 
 def _top_missing(path: Path) -> Path | None:
@@ -408,6 +412,10 @@ def output_dir(out: str | Path, run_dir: str | Path | None = None):
         mark = not run_dir.exists() or not any(run_dir.iterdir())
     top = _top_missing(out)
     try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{out} cannot be written ({e.strerror or e})") from None
         with writing(out):
             yield
             if run_dir is not None and mark:
