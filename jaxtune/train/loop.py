@@ -315,8 +315,8 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
     # the model, eval tasks, the checkpoint to restore): a start that fails leaves
     # run.dir exactly as it was. ``_commit`` then creates / clears it and writes.
     plan = plan_start(cfg)
-    check_resume(plan, cfg)
     check_positions(cfg)
+    check_resume(plan, cfg)
     run_dir = plan.path
 
     is_cls = cfg.peft.head == "classification"

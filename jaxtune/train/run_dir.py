@@ -359,7 +359,8 @@ def check_resume(plan: StartPlan, cfg) -> None:
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        raise ConfigError(f"{path}: cannot read the run's saved config ({e})") from None
+        why = " ".join(str(e).split())  # YAML errors span lines
+        raise ConfigError(f"{path}: cannot read the run's saved config ({why})") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections")
     changes = resume_changes(saved, config_to_dict(cfg))
