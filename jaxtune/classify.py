@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def build_classifier(cfg, num_labels: int, label_names=None, layer=None) -> Sequ
         feature_layer=p.feature_layer if layer is None else layer,
         head_hidden=p.head_hidden,
         label_names=label_names,
+        add_eos=cfg.data.add_eos,
         rngs=nnx.Rngs(cfg.train.seed + 1),
         **head_kw,
     )
@@ -285,36 +287,71 @@ def run(cfg, *, feature: dict | None = None, log=print) -> dict:
 
 
 def _hf_layout(clf: SequenceClassifier) -> tuple[str, str]:
-    """(HF architecture, base-tensor prefix) for ``clf``; ConfigError if none matches."""
+    """(HF architecture, base-tensor prefix) for ``clf``; ConfigError naming what differs.
+
+    The message states each property of this classifier that the HF class cannot
+    express (not the whole requirement), e.g. a fitted feature head's bias on a decoder.
+    """
     cfg, head = clf.config, clf.head
     d = cfg.hidden_size
     if clf.feature_layer != -1:
-        raise ConfigError("classifier export: HF heads read the final layer (feature_layer -1)")
-    linear = head.dense is None
+        raise ConfigError(
+            f"classifier export: the head reads hidden layer {clf.feature_layer!r}; HF "
+            "*ForSequenceClassification heads read the final layer (peft.feature_layer: -1)"
+        )
     bias = head.out.bias is not None
+    fitted = " (heads fitted on cached features, peft.method: feature, have one)"
+    problems: list[str] = []
     if cfg.family == "bert":
-        if clf.pooling == "pooler" and linear and bias:
-            return "BertForSequenceClassification", "bert."
-        want = "pooling pooler and a linear head with bias"
+        arch, prefix = "BertForSequenceClassification", "bert."
+        if clf.pooling != "pooler":
+            problems.append(f"pooling is {clf.pooling!r}; {arch} reads the pooler")
+        if head.dense is not None:
+            problems.append(
+                f"the head has a hidden layer (head_hidden {head.hidden}); {arch}'s "
+                "classifier is one linear layer"
+            )
+        if not bias:
+            problems.append(f"the head has no bias; {arch}'s classifier has one")
     elif cfg.family == "distilbert":
-        if clf.pooling == "cls" and head.hidden == d and head.activation == "relu" and bias:
-            return "DistilBertForSequenceClassification", "distilbert."
-        want = f"pooling cls and an MLP head (hidden {d}, relu, bias)"
+        arch, prefix = "DistilBertForSequenceClassification", "distilbert."
+        if clf.pooling != "cls":
+            problems.append(f"pooling is {clf.pooling!r}; {arch} reads the first token (cls)")
+        if head.hidden != d or head.dense is None:
+            problems.append(
+                f"the head has head_hidden {head.hidden}; {arch} has a {d}-wide "
+                "pre_classifier layer"
+            )
+        elif head.activation != "relu":
+            problems.append(f"the head's activation is {head.activation}; {arch} uses relu")
+        if not bias:
+            problems.append(f"the head has no bias; {arch}'s layers have biases")
     elif not is_encoder(cfg):
-        if clf.pooling == "last" and linear and not bias:
-            from jaxtune.models import family_of_config
+        from jaxtune.models import family_of_config
 
-            arch = family_of_config(cfg).hf_module().config_to_hf(cfg)["architectures"][0]
-            for suffix in ("ForCausalLM", "LMHeadModel"):
-                arch = arch.replace(suffix, "ForSequenceClassification")
-            return arch, ""
-        want = "pooling last and a linear head without bias"
+        arch = family_of_config(cfg).hf_module().config_to_hf(cfg)["architectures"][0]
+        for suffix in ("ForCausalLM", "LMHeadModel"):
+            arch = arch.replace(suffix, "ForSequenceClassification")
+        prefix = ""
+        if clf.pooling != "last":
+            problems.append(f"pooling is {clf.pooling!r}; {arch} reads the last token")
+        if head.dense is not None:
+            problems.append(
+                f"the head has a hidden layer (head_hidden {head.hidden}); {arch}'s score "
+                "layer is one linear map"
+            )
+        if bias:
+            problems.append(f"the head has a bias{fitted}; {arch}'s score layer has none")
     else:
-        want = "a BERT, DistilBERT or decoder backbone"
-    raise ConfigError(
-        f"classifier export: transformers has no class for this head (pooling "
-        f"{clf.pooling!r}, head_hidden {head.hidden}); {cfg.family} needs {want}"
-    )
+        raise ConfigError(
+            f"classifier export: transformers has no sequence-classification class for a "
+            f"{cfg.family} backbone here (supported: BERT, DistilBERT, decoders)"
+        )
+    if problems:
+        raise ConfigError(
+            "classifier export: transformers has no class for this head: " + "; ".join(problems)
+        )
+    return arch, prefix
 
 
 def _head_vars(clf: SequenceClassifier) -> dict[str, nnx.Variable]:
@@ -339,9 +376,20 @@ def _torch_layout(name: str, x: np.ndarray) -> np.ndarray:
 def export_classifier(clf: SequenceClassifier, out, tokenizer=None, *, tol=1e-4) -> float:
     """Writes an HF ``*ForSequenceClassification`` dir and verifies it; returns max diff.
 
-    LoRA/DoRA are merged; bottleneck adapters have no HF form (ConfigError). The
-    directory is written atomically and removed again if the reloaded classifier's
-    logits differ from ``clf``'s by more than ``tol`` (+ relative) on a probe batch.
+    LoRA/DoRA are merged; bottleneck adapters have no HF form (ConfigError). With a
+    tokenizer (given, or from the backbone's source) the directory behaves in
+    transformers' standard use (``pipeline("text-classification")``, or
+    ``AutoTokenizer`` + ``AutoModelForSequenceClassification`` with default calls) as
+    the classifier does in jaxtune (:func:`export_tokenizer`): the exported tokenizer
+    adds what jaxtune's data pipeline adds (BOS, EOS), and pads with a token of its own
+    that ``config.json``'s ``pad_token_id`` names, so HF's decoder heads, which pool the
+    last token that is not ``pad_token_id``, pool the token jaxtune pools.
+
+    The directory is written atomically and removed again unless (1) the exported
+    tokenizer, batched with ``padding=True``, gives jaxtune's token ids for probe texts
+    and HF's pooled position is jaxtune's, and (2) the reloaded classifier's logits on
+    that batch (and on random ids) differ from ``clf``'s by at most ``tol`` (+ relative).
+    Prints nothing: callers report the returned difference.
     """
     from jaxtune.hf import safetensors_io as st
     from jaxtune.hf.io import atomic_dir, iter_hf_tensors
@@ -360,43 +408,281 @@ def export_classifier(clf: SequenceClassifier, out, tokenizer=None, *, tol=1e-4)
         label2id={n: i for i, n in enumerate(names)},
         problem_type="single_label_classification",
     )
-    if not is_encoder(cfg) and config.get("pad_token_id") is None:
-        # HF decoder heads find the last token by pad id; EOS pads our batches then.
-        eos = cfg.eos_token_id
-        eos = eos[0] if isinstance(eos, tuple) else eos
-        config["pad_token_id"] = eos if eos is not None and eos < cfg.vocab_size else 0
+    if tokenizer is None and getattr(backbone, "source", None):
+        from jaxtune.api import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(backbone.source)
+        except ModelLoadError:
+            tokenizer = None
     tensors = {
         prefix + name: arr
         for name, arr in iter_hf_tensors(backbone)
         if not name.startswith("lm_head.")
     }
     tensors.update({n: _torch_layout(n, np.asarray(v[...])) for n, v in _head_vars(clf).items()})
+    exported = None
+    if tokenizer is not None:
+        exported = export_tokenizer(tokenizer, clf, cfg.vocab_size)
+        if exported.vocab_size > cfg.vocab_size:  # one new row: the pad token's (never read)
+            _grow_embedding(tensors, cfg.vocab_size, exported.vocab_size)
+            config["vocab_size"] = exported.vocab_size
+        config["pad_token_id"] = exported.pad_id
+    elif not is_encoder(cfg) and config.get("pad_token_id") is None:
+        # No tokenizer to carry a convention: HF decoder heads need some pad id to batch.
+        eos = cfg.eos_token_id
+        eos = eos[0] if isinstance(eos, tuple) else eos
+        config["pad_token_id"] = eos if eos is not None and eos < cfg.vocab_size else 0
     out = Path(out)
     with atomic_dir(out) as tmp:
         config["dtype"] = str(next(iter(tensors.values())).dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         st.write_file(tmp / "model.safetensors", tensors)
-        if tokenizer is None and getattr(backbone, "source", None):
-            from jaxtune.api import load_tokenizer
-
-            try:
-                tokenizer = load_tokenizer(backbone.source)
-            except ModelLoadError:
-                tokenizer = None
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
         reloaded = load_classifier(tmp, scan_layers=cfg.scan_layers)
-        ids, mask = probe_batch(cfg.vocab_size, config.get("pad_token_id") or 0)
-        ref, got = np.asarray(_logits(clf, ids, mask)), np.asarray(_logits(reloaded, ids, mask))
-        diff = float(np.abs(ref - got).max())
-        limit = tol + tol * float(np.abs(ref).max())
-        if not diff <= limit:
-            raise ExportError(
-                f"classifier export: reloaded logits differ by {diff:.3e} > {limit:.1e}; "
-                "nothing was written"
-            )
-    print(f"classifier export ({arch}) verified: max |logit diff| = {diff:.3e}")
+        pad = config.get("pad_token_id") or 0
+        probe = probe_batch(cfg.vocab_size, pad if pad < cfg.vocab_size else 0)
+        checks = [(probe, probe)]
+        if exported is not None:
+            exported.save(tmp)
+            checks.insert(0, check_exported_tokenizer(tmp, tokenizer, clf, exported.pad_id))
+        diff = 0.0
+        for ours, theirs in checks:  # (jaxtune's batch, the same texts as HF batches them)
+            ref = np.asarray(_logits(clf, *ours))
+            got = np.asarray(_logits(reloaded, *theirs))
+            d = float(np.abs(ref - got).max())
+            limit = tol + tol * float(np.abs(ref).max())
+            if not d <= limit:
+                raise ExportError(
+                    f"classifier export: reloaded logits differ by {d:.3e} > {limit:.1e}; "
+                    "nothing was written"
+                )
+            diff = max(diff, d)
     return diff
+
+
+# ------------------------------------------------------------ the exported tokenizer
+
+# Texts the export checks the exported tokenizer on: lengths differ (so a batch pads),
+# with leading / trailing spaces, non-ASCII and digits.
+PROBE_TEXTS = (
+    "a",
+    "The film was surprisingly good, and the ending made me smile.",
+    "  spaces before and after  ",
+    "Ünïcödé — naïve café, 12345 and 3.14!?",
+    "two words",
+    "x" * 40,
+)
+_SPARE = re.compile(r"(?i)^[<\[]\|?(pad|unused|reserved|extra_id)")
+
+
+def jaxtune_ids(tokenizer, texts, add_eos: bool = True) -> list[list[int]]:
+    """The token ids jaxtune's data pipeline feeds a classifier for ``texts``.
+
+    The ``classification`` format's encoder itself (the tokenizer's own specials such as
+    BOS, and EOS appended unless ``add_eos`` is false); untruncated.
+    """
+    from jaxtune.data.config import DataConfig
+    from jaxtune.data.formats import make_encoder
+    from jaxtune.data.loaders import Record
+
+    enc = make_encoder(DataConfig(format="classification", add_eos=add_eos), tokenizer, ["x"])
+    rows = [Record(f"probe[{i}]", i, {"text": t, "label": "x"}) for i, t in enumerate(texts)]
+    return [e.ids for e in enc.encode_batch(rows)]
+
+
+@dataclasses.dataclass
+class ExportedTokenizer:
+    """The tokenizer an export writes (see :func:`export_tokenizer`).
+
+    Attributes:
+      tokenizer: the HF tokenizer to save (a copy; the caller's is unchanged).
+      pad_id: its pad token's id (``config.json``'s ``pad_token_id``).
+      vocab_size: the model's vocabulary after export (one more than the backbone's
+        when the pad token had to be added).
+      template: (ids before the text, ids after it), as jaxtune adds them.
+      flags: ``add_bos_token`` / ``add_eos_token`` for ``tokenizer_config.json`` when the
+        post-processor was replaced: the values that make transformers rebuild the same
+        one, or ``{}`` (keys removed: transformers keeps the saved one); None = as saved.
+    """
+
+    tokenizer: object
+    pad_id: int
+    vocab_size: int
+    template: tuple[list[int], list[int]]
+    flags: dict | None
+
+    def save(self, path: Path) -> None:
+        """``save_pretrained`` + the settings transformers must read back unchanged."""
+        from transformers import PreTrainedTokenizerFast
+
+        self.tokenizer.save_pretrained(str(path))
+        f = Path(path) / "tokenizer_config.json"
+        tc = json.loads(f.read_text())
+        if self.flags is not None:
+            for key in ("add_bos_token", "add_eos_token"):
+                tc.pop(key, None)
+            tc.update(self.flags)
+        # The class jaxtune tokenizes with (tokenizer.json as written, no per-model
+        # rebuilding of the pipeline), so AutoTokenizer gives the ids checked here.
+        if (Path(path) / "tokenizer.json").is_file():
+            tc["tokenizer_class"] = PreTrainedTokenizerFast.__name__
+        tc["padding_side"] = "right"
+        f.write_text(json.dumps(tc, indent=2, ensure_ascii=False))
+
+
+def export_tokenizer(tokenizer, clf: SequenceClassifier, vocab_size: int) -> ExportedTokenizer:
+    """A copy of ``tokenizer`` that carries jaxtune's classification convention.
+
+    * Special tokens: if the tokenizer alone does not produce the ids jaxtune feeds
+      (:func:`jaxtune_ids`; typically the EOS that ``data.add_eos`` appends), its
+      post-processor becomes a ``TemplateProcessing`` that adds exactly them.
+    * Padding: right-side, with a pad token that is not EOS, BOS or any token jaxtune
+      adds and not one a chat template writes: the tokenizer's own pad if it is such a
+      token, else an unused special token of the vocabulary (``<pad>``, ``<unused0>``,
+      ``[unused0]``, ... first; ``<repo_name>`` for SmolLM2), else a new ``<|pad|>`` in a
+      spare id of the embedding (Qwen-style padded vocabularies), else a new one in a
+      new embedding row (GPT-2, whose only special token is EOS).
+
+    HF's decoder heads pool the last token that is not ``pad_token_id``; with EOS as the
+    pad (the usual default) they skip the EOS jaxtune pools.
+    """
+    import copy
+
+    from tokenizers import processors
+
+    from jaxtune.peft.export import ExportError
+
+    add_eos = getattr(clf, "add_eos", True)
+    tok = copy.deepcopy(tokenizer)
+    ids = jaxtune_ids(tok, ["a"], add_eos)[0]
+    bare = list(tok("a", add_special_tokens=False)["input_ids"])
+    starts = [i for i in range(len(ids) - len(bare) + 1) if ids[i : i + len(bare)] == bare]
+    if not bare or not starts:
+        raise ExportError(
+            f"classifier export: cannot place the text's tokens {bare} in the ids jaxtune "
+            f"feeds ({ids}); nothing was written"
+        )
+    pre, post = ids[: starts[0]], ids[starts[0] + len(bare) :]
+    texts = list(PROBE_TEXTS)
+    flags = None
+    if [list(x) for x in tok(texts)["input_ids"]] != jaxtune_ids(tok, texts, add_eos):
+        names = tok.convert_ids_to_tokens(pre + post)
+        specials = sorted({(n, i) for n, i in zip(names, pre + post, strict=True)})
+        a, b = names[: len(pre)], names[len(pre) :]
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=[*a, "$A:0", *b],
+            pair=[*a, "$A:0", "$B:1", *[f"{n}:1" for n in b]],
+            special_tokens=specials,
+        )
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        flags = {}
+        if pre in ([], [bos]) and post == [eos]:  # what HF's own flags would build
+            flags = {"add_bos_token": bool(pre), "add_eos_token": True}
+    pad_id = _pad_token(tok, vocab_size, set(pre + post))
+    if pad_id is None:
+        raise ExportError(
+            f"classifier export: the tokenizer has no token to pad with that differs from "
+            f"EOS and the text's special tokens, and no spare id below the model's "
+            f"{vocab_size}-token vocabulary; nothing was written"
+        )
+    tok.padding_side = "right"
+    return ExportedTokenizer(tok, pad_id, max(vocab_size, pad_id + 1), (pre, post), flags)
+
+
+def _pad_token(tok, vocab_size: int, used: set[int]) -> int | None:
+    """Sets ``tok``'s pad token to one jaxtune's texts never contain; returns its id."""
+    roles = ("bos", "eos", "unk", "sep", "cls", "mask")
+    taken = set(used) | {getattr(tok, f"{r}_token_id", None) for r in roles}
+    template = str(getattr(tok, "chat_template", None) or "")
+
+    def free(i, name) -> bool:
+        return i is not None and 0 <= i < vocab_size and i not in taken and name not in template
+
+    if tok.pad_token is not None and free(tok.pad_token_id, tok.pad_token):
+        return int(tok.pad_token_id)
+    found = [(i, str(t)) for i, t in tok.added_tokens_decoder.items() if t.special]
+    found += [(i, t) for t, i in tok.get_vocab().items() if _SPARE.match(t)]
+    found = sorted({(0 if _SPARE.match(t) else 1, i, t) for i, t in found if free(i, t)})
+    if found:
+        tok.pad_token = found[0][2]
+        return int(found[0][1])
+    pad_id = len(tok)
+    if pad_id > vocab_size:  # the tokenizer has ids the model cannot embed: no room
+        return None
+    for name in ("<|pad|>", "<pad>", "[PAD]", "<|jaxtune_pad|>"):
+        if name not in tok.get_vocab():
+            tok.add_special_tokens({"pad_token": name})
+            return int(tok.pad_token_id)
+    return None
+
+
+def _grow_embedding(tensors: dict, old: int, new: int) -> None:
+    """Appends zero rows to the input embedding [old, D] -> [new, D] (in place)."""
+    from jaxtune.peft.export import ExportError
+
+    rows = [n for n, a in tensors.items() if a.ndim == 2 and a.shape[0] == old]
+    rows = [n for n in rows if any(k in n for k in ("embed_tokens", "wte", "word_embeddings"))]
+    if len(rows) != 1:
+        raise ExportError(
+            f"classifier export: the pad token needs a new embedding row and no single "
+            f"input embedding was found ({rows}); nothing was written"
+        )
+    a = np.asarray(tensors[rows[0]])
+    tensors[rows[0]] = np.concatenate([a, np.zeros((new - old, a.shape[1]), a.dtype)])
+
+
+def check_exported_tokenizer(path, tokenizer, clf: SequenceClassifier, pad_id: int):
+    """Checks an exported tokenizer as transformers uses it; returns both probe batches.
+
+    Loads ``path``'s tokenizer files with the fast-tokenizer class (no torch), batches
+    :data:`PROBE_TEXTS` with ``padding=True`` and requires, per text: the unpadded ids
+    equal :func:`jaxtune_ids` of ``tokenizer``; the pad id is ``pad_id`` and occurs in no
+    text; and the token HF's head pools is jaxtune's (decoders: the last token that is not
+    ``pad_id``, as ``*ForSequenceClassification`` finds it; encoders: the first).
+
+    Returns:
+      ((ids, mask) as jaxtune batches the texts, (ids, mask) as transformers does), int32.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxtune.peft.export import ExportError
+
+    def fail(what: str):
+        raise ExportError(f"classifier export: {what}; nothing was written")
+
+    hf = PreTrainedTokenizerFast.from_pretrained(str(path))
+    texts = list(PROBE_TEXTS)
+    want = jaxtune_ids(tokenizer, texts, getattr(clf, "add_eos", True))
+    if hf.pad_token_id != pad_id:
+        fail(f"the exported tokenizer pads with id {hf.pad_token_id}, config.json says {pad_id}")
+    batch = hf(texts, padding=True)
+    ids, mask = (np.asarray(batch[k], np.int32) for k in ("input_ids", "attention_mask"))
+    decoder = not is_encoder(clf.config)
+    for r, (text, w) in enumerate(zip(texts, want, strict=True)):
+        got = ids[r][mask[r] == 1].tolist()
+        if got != w:
+            fail(
+                f"the exported tokenizer gives ids {got} for {text!r}, jaxtune feeds {w} "
+                f"(transformers would classify other tokens)"
+            )
+        if pad_id in w:
+            fail(f"the pad id {pad_id} occurs in the ids of {text!r}")
+        real = np.flatnonzero(mask[r])
+        if decoder:
+            pooled = int(np.argmax(np.arange(ids.shape[1]) * (ids[r] != pad_id)))
+            if pooled != real[-1]:
+                fail(
+                    f"transformers would pool position {pooled} of {text!r}, jaxtune pools "
+                    f"its last token (position {real[-1]})"
+                )
+        elif real[0] != 0:
+            fail(f"the exported tokenizer left-pads {text!r}; encoder heads read position 0")
+    lengths = np.asarray([len(w) for w in want])
+    ours = np.zeros_like(ids)  # jaxtune's own batch: right-padded, the mask marks tokens
+    for r, w in enumerate(want):
+        ours[r, : len(w)] = w
+    ours_mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int32)
+    return (ours, ours_mask), (ids, mask)
 
 
 def probe_batch(vocab: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -193,6 +193,9 @@ class SequenceClassifier(nnx.Module):
       head_activation: MLP nonlinearity (``tanh``, ``relu``, ``gelu``).
       head_bias: default True for encoders, False for decoders (HF's ``score``).
       label_names: class names in id order (kept for exports).
+      add_eos: the data convention it is trained / evaluated with: each text ends with the
+        tokenizer's EOS (``data.add_eos``; with ``last`` pooling that EOS is pooled).
+        Exports write it into the exported tokenizer.
       rngs: head initialisation.
     """
 
@@ -207,6 +210,7 @@ class SequenceClassifier(nnx.Module):
         head_activation: str = "tanh",
         head_bias: bool | None = None,
         label_names: tuple[str, ...] | None = None,
+        add_eos: bool = True,
         rngs: nnx.Rngs | None = None,
     ):
         cfg = backbone.config
@@ -234,6 +238,7 @@ class SequenceClassifier(nnx.Module):
         self.pooling = pooling
         self.feature_layer = feature_layer
         self.label_names = tuple(label_names) if label_names is not None else None
+        self.add_eos = bool(add_eos)
 
     @property
     def config(self):
