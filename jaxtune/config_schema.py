@@ -176,7 +176,8 @@ class TrainConfig:
       early_stopping_patience: stop after N evaluations without improvement (0 = off).
       early_stopping_metric: metric watched by early stopping (lower is better for losses).
       resume: continue from the latest checkpoint in ``run.dir`` if there is one.
-      overwrite: delete an existing ``run.dir`` first (takes precedence over ``resume``).
+      overwrite: start over: delete the run's own files in ``run.dir`` first (only in a
+        jaxtune run directory; files jaxtune did not write are refused, never deleted).
       max_eval_batches: cap on validation batches per evaluation; null = the whole split.
     """
 

@@ -24,8 +24,9 @@ def tiny(tmp_path_factory):
         yield model, data, root / "xla"
 
 
-def make_config(tmp_path, tiny, *extra):
+def make_config(tmp_path, tiny, *extra, peft=None):
     model, data, _ = tiny
+    sections = {"peft": peft} if peft else {}
     path = T.write_config(
         tmp_path / "cfg.yaml",
         model,
@@ -35,6 +36,7 @@ def make_config(tmp_path, tiny, *extra):
         optim="{lr: 0.01, schedule: linear, warmup_steps: 2}",
         train="{steps: 6, batch_size: 8, seq_len: 32, grad_accum: 2}",
         checkpoint="{every: 0, async_save: false}",
+        **sections,
     )
     return load_config(path, list(extra))
 
@@ -90,7 +92,9 @@ train(load_config(sys.argv[1], sys.argv[2:]))
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_sharded_meshes_match_single_device(tmp_path, tiny, method):
-    base = make_config(tmp_path / "x", tiny)
+    # LoRA keys in a full fine-tuning config are refused, so each method has its section.
+    peft = "{method: full}" if method == "full" else None
+    base = make_config(tmp_path / "x", tiny, peft=peft)
     cfg_file = tmp_path / "x" / "cfg.yaml"
     over = [f"peft.method={method}", "train.steps=5"]
     ref_dir = tmp_path / "single"
@@ -116,7 +120,7 @@ def test_sharded_meshes_match_single_device(tmp_path, tiny, method):
         run_dir = tmp_path / (
             "run_" + "_".join(m.split("=")[0][5:] + m.split("=")[1] for m in mesh)
         )
-        cfg = make_config(tmp_path / "x", tiny, *over, *mesh, f"run.dir={run_dir}")
+        cfg = make_config(tmp_path / "x", tiny, *over, *mesh, f"run.dir={run_dir}", peft=peft)
         train(cfg)
         _, got = losses(run_dir)
         np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=str(mesh))
