@@ -18,6 +18,12 @@ bert        BertForSequenceClassification          pooling ``pooler``, linear + 
 distilbert  DistilBertForSequenceClassification    pooling ``cls``, MLP(D, relu) + bias
 decoders    <Arch>ForSequenceClassification        pooling ``last``, linear, no bias
 ==========  =====================================  ===================================
+
+The exported tokenizer carries jaxtune's text convention (:func:`export_tokenizer`: the
+EOS that ``data.add_eos`` appends, and a pad token that is not EOS, named by
+``config.json``'s ``pad_token_id``), so ``pipeline("text-classification")`` and the
+``Auto*`` classes with default calls give jaxtune's logits; the export checks that with
+the exported tokenizer files (:func:`check_exported_tokenizer`, no torch).
 """
 
 from __future__ import annotations
@@ -341,7 +347,10 @@ def _hf_layout(clf: SequenceClassifier) -> tuple[str, str]:
                 "layer is one linear map"
             )
         if bias:
-            problems.append(f"the head has a bias{fitted}; {arch}'s score layer has none")
+            problems.append(
+                f"the head has a bias{fitted}; {arch}'s score layer has none (a head trained "
+                "end to end has none: peft.method lora / full, or peft.unfreeze_top_layers)"
+            )
     else:
         raise ConfigError(
             f"classifier export: transformers has no sequence-classification class for a "
@@ -569,11 +578,17 @@ def export_tokenizer(tokenizer, clf: SequenceClassifier, vocab_size: int) -> Exp
         names = tok.convert_ids_to_tokens(pre + post)
         specials = sorted({(n, i) for n, i in zip(names, pre + post, strict=True)})
         a, b = names[: len(pre)], names[len(pre) :]
-        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single=[*a, "$A:0", *b],
-            pair=[*a, "$A:0", "$B:1", *[f"{n}:1" for n in b]],
-            special_tokens=specials,
-        )
+        try:
+            tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+                single=[*a, "$A:0", *b],
+                pair=[*a, "$A:0", "$B:1", *[f"{n}:1" for n in b]],
+                special_tokens=specials,
+            )
+        except (AttributeError, ValueError, TypeError) as e:  # no backend / odd names
+            raise ExportError(
+                f"classifier export: cannot make the tokenizer add {names} around the "
+                f"text as jaxtune does ({e}); nothing was written"
+            ) from None
         bos, eos = tok.bos_token_id, tok.eos_token_id
         flags = {}
         if pre in ([], [bos]) and post == [eos]:  # what HF's own flags would build
@@ -650,7 +665,10 @@ def check_exported_tokenizer(path, tokenizer, clf: SequenceClassifier, pad_id: i
     def fail(what: str):
         raise ExportError(f"classifier export: {what}; nothing was written")
 
-    hf = PreTrainedTokenizerFast.from_pretrained(str(path))
+    try:
+        hf = PreTrainedTokenizerFast.from_pretrained(str(path))
+    except (OSError, ValueError) as e:  # e.g. a slow-only tokenizer: no tokenizer.json
+        fail(f"transformers' fast tokenizer cannot read the exported tokenizer ({e})")
     texts = list(PROBE_TEXTS)
     want = jaxtune_ids(tokenizer, texts, getattr(clf, "add_eos", True))
     if hf.pad_token_id != pad_id:

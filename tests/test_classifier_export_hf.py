@@ -131,7 +131,7 @@ def _train_and_export(tmp: Path, model_dir: Path, extra: list[str]) -> dict:
     }
 
 
-def _random_and_export(tmp: Path, model_dir: Path, **clf_kw) -> dict:
+def _random_and_export(tmp: Path, model_dir: Path, add_eos: bool = True, **clf_kw) -> dict:
     """An untrained classifier with LoRA and a large random head (non-degenerate
     predictions without training), exported; jaxtune's logits through its data pipeline."""
     from flax import nnx
@@ -144,12 +144,18 @@ def _random_and_export(tmp: Path, model_dir: Path, **clf_kw) -> dict:
     test = _write(tmp / "test.jsonl", rows)
     backbone = jaxtune.from_pretrained(model_dir)
     apply_peft(backbone, PeftConfig(method="lora", rank=4, alpha=8.0, targets=("all-linear",)))
-    clf = SequenceClassifier(backbone, 2, label_names=("neg", "pos"), rngs=nnx.Rngs(3), **clf_kw)
+    clf = SequenceClassifier(
+        backbone, 2, label_names=("neg", "pos"), add_eos=add_eos, rngs=nnx.Rngs(3), **clf_kw
+    )
     for _, var in nnx.to_flat_state(nnx.state(clf, nnx.LoRAParam)):
         var.set_value(var[...] + 0.1)
     tok = jaxtune.load_tokenizer(model_dir)
     data = DataConfig(
-        train=str(test), format="classification", labels=("neg", "pos"), cache_dir=str(tmp)
+        train=str(test),
+        format="classification",
+        labels=("neg", "pos"),
+        add_eos=add_eos,
+        cache_dir=str(tmp),
     )
     ds = build_datasets(data, tok, 32)["train"]
     # Head = +-(first principal direction of the pooled features, orthogonal to their
@@ -245,6 +251,30 @@ def test_exported_files_carry_the_convention(smollm2_run, smollm2_tokenizer):
     # the tokenizer now adds and does not add a second one).
     again = jaxtune.from_pretrained(out)
     assert again.label_names == ("neg", "pos")
+    # ... and exports it again unchanged (the tokenizer already carries the convention).
+    jaxtune.save_pretrained(again, out.parent / "again")
+    assert (
+        json.loads((out.parent / "again" / "config.json").read_text())["pad_token_id"]
+        == (config["pad_token_id"])
+    )
+    assert (
+        transformers.AutoTokenizer.from_pretrained(out.parent / "again")("a b")["input_ids"]
+        == tok("a b")["input_ids"]
+    )
+
+
+def test_run_without_eos_keeps_the_tokenizer_and_still_matches(tmp_path, smollm2_tokenizer):
+    """``data.add_eos: false``: nothing is appended, jaxtune pools the last text token;
+    the export pads with a non-EOS token all the same."""
+    model_dir = _llama_dir(tmp_path / "base", smollm2_tokenizer)
+    r = _random_and_export(tmp_path, model_dir, add_eos=False, pooling="last")
+    tok = transformers.AutoTokenizer.from_pretrained(r["out"])
+    assert tok("the film")["input_ids"] == smollm2_tokenizer("the film")["input_ids"]
+    assert tok.pad_token_id != smollm2_tokenizer.eos_token_id
+    np.testing.assert_array_equal(_through_pipeline(r["out"], r["texts"]), r["preds"])
+    logits = _through_auto_classes(r["out"], r["texts"])
+    tol = 1e-4 * max(1.0, float(np.abs(r["logits"]).max()))
+    np.testing.assert_allclose(logits, r["logits"], atol=tol, rtol=0)
 
 
 def test_self_check_refuses_an_export_whose_tokenizer_drops_the_eos(
@@ -373,4 +403,6 @@ def test_real_smollm2_classifier_through_pipeline(tmp_path):
         gguf,
         ["peft.method=lora", "peft.rank=4", "peft.alpha=8", "train.steps=3", "optim.lr=1e-3"],
     )
-    np.testing.assert_array_equal(_through_pipeline(r["out"], r["texts"]), r["preds"])
+    probs = _through_pipeline(r["out"], r["texts"], probs=True)  # one load of 0.5 GB
+    np.testing.assert_array_equal(probs.argmax(-1), r["preds"])
+    np.testing.assert_allclose(probs, _softmax(r["logits"]), atol=1e-3, rtol=0)
