@@ -282,10 +282,10 @@ def test_self_check_refuses_an_export_whose_tokenizer_drops_the_eos(
 ):
     """The old export's mistake (a tokenizer that adds nothing) is caught before the
     directory exists."""
-    from jaxtune import classify
+    from jaxtune import classifier_tokenizer
 
     r = smollm2_run
-    save = classify.ExportedTokenizer.save
+    save = classifier_tokenizer.ExportedTokenizer.save
 
     def save_without_eos(self, path):  # the source's post-processor: it adds nothing
         save(self, path)
@@ -293,7 +293,7 @@ def test_self_check_refuses_an_export_whose_tokenizer_drops_the_eos(
         source = json.loads(r["tokenizer"].backend_tokenizer.to_str())["post_processor"]
         f.write_text(json.dumps({**json.loads(f.read_text()), "post_processor": source}))
 
-    monkeypatch.setattr(classify.ExportedTokenizer, "save", save_without_eos)
+    monkeypatch.setattr(classifier_tokenizer.ExportedTokenizer, "save", save_without_eos)
     with pytest.raises(ExportError, match="the exported tokenizer .* jaxtune feeds"):
         export_classifier(r["clf"], tmp_path / "bad", tokenizer=r["tokenizer"])
     assert not (tmp_path / "bad").exists()
