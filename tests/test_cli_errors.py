@@ -19,25 +19,12 @@ from pathlib import Path
 import pytest
 
 from jaxtune.cli import main
-from jaxtune.train.testing import write_config, write_reverse_data, write_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny model dir and a finished 2-step LoRA run on it (one checkpoint)."""
-    root = tmp_path_factory.mktemp("clierr")
-    model = write_tiny_model(root / "model")
-    data = write_reverse_data(root / "data.jsonl", n=16)
-    cfg = write_config(
-        root / "run.yaml",
-        model,
-        data,
-        root / "run",
-        train="{steps: 2, batch_size: 8, seq_len: 32}",
-        checkpoint="{every: 0, async_save: false}",
-    )
-    assert main(["train", str(cfg)]) == 0
-    return {"root": root, "model": model, "data": data, "cfg": cfg, "run": root / "run"}
+def tiny(tiny_run):
+    """The tiny model dir and a finished 2-step LoRA run on it (conftest's ``tiny_run``)."""
+    return tiny_run
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:

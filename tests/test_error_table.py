@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from jaxtune.cli import main
-from jaxtune.train.testing import write_config, write_reverse_data, write_tiny_model
+from jaxtune.train.testing import write_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 RECORD = bool(os.environ.get("JAXTUNE_ERRORS_RECORD"))
@@ -93,16 +93,9 @@ FILES = {
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """The tiny model, its config, and one finished run (LoRA rank 4, 2 steps)."""
-    root = tmp_path_factory.mktemp("errors")
-    model = write_tiny_model(root / "model")
-    data = write_reverse_data(root / "data.jsonl", n=16)
-    run_cfg = write_config(
-        root / "run.yaml", model, data, root / "run", train="{steps: 2, batch_size: 8, seq_len: 32}"
-    )
-    assert main(["train", str(run_cfg)]) == 0
-    return {"model": model, "data": data, "run_cfg": run_cfg, "run": root / "run"}
+def shared(tiny_run):
+    """The tiny model, and one finished run of it (LoRA rank 4, 2 steps) with its config."""
+    return {**tiny_run, "run_cfg": tiny_run["cfg"]}
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

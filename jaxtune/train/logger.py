@@ -109,30 +109,27 @@ class MetricsLogger:
         if self.main:
             tqdm.write(f"warning: {msg}", file=sys.stderr)
 
+    def _close_sinks(self, **wandb_finish) -> bool:
+        """Closes bar, file, TensorBoard and W&B once; False if already closed."""
+        if self.closed:
+            return False
+        self.closed = True
+        self.bar.close()
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish(**wandb_finish)
+        return True
+
     def abort(self) -> None:
         """Closes the sinks on an error path (no loss curve, no summary line)."""
-        if self.closed:
-            return
-        self.closed = True
-        self.bar.close()
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish(exit_code=1)
+        self._close_sinks(exit_code=1)
 
     def close(self, reason: str) -> None:
-        if self.closed:
+        if not self._close_sinks():
             return
-        self.closed = True
-        self.bar.close()
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
         if self.main:
             plot_loss_curve(_read(self.path), self.run_dir / "loss_curve.png")
             print(
