@@ -159,8 +159,10 @@ def test_trainer_runs_sharded(family, method, tmp_path, smollm2_tokenizer):
     smollm2_tokenizer.save_pretrained(model_dir)
     data_file = T.write_reverse_data(tmp_path / "train.jsonl")
     run_dir = tmp_path / "x" / "run"
-    cfg_path = T.write_config(tmp_path / "x" / "cfg.yaml", model_dir, data_file, run_dir)
-    over = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "train.steps=4", f"peft.method={method}"]
+    # LoRA keys (rank, alpha, targets) are refused with adapters: each method its section.
+    peft = "{method: adapter}" if method == "adapter" else "{method: lora, rank: 4, alpha: 8}"
+    cfg_path = T.write_config(tmp_path / "x" / "cfg.yaml", model_dir, data_file, run_dir, peft=peft)
+    over = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "train.steps=4"]
     out = run_training(load_config(cfg_path, over))
     assert out["steps"] == 4
     loss = np.array([r["loss"] for r in T.read_metrics(run_dir)])
