@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from jaxtune.data import BatchIterator, DataConfig, build_datasets
-from jaxtune.data.formats import ChatEncoder, turn_terminator
+from jaxtune.data.chat import ChatEncoder, turn_terminator
 from jaxtune.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,7 +37,8 @@ An empty padding row (all masks 0) only appears with ``drop_remainder=False``.
 """
 
 from jaxtune.data.config import FORMATS, DataConfig
-from jaxtune.data.formats import TEMPLATES, Encoded, make_encoder
+from jaxtune.data.encoding import Encoded
+from jaxtune.data.formats import TEMPLATES, make_encoder
 from jaxtune.data.iterator import BatchIterator, padding_fraction
 from jaxtune.data.loaders import Record, RowError
 from jaxtune.data.packing import collate, pack_lengths, padded_length

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from jaxtune.data.config import DataConfig
-from jaxtune.data.formats import Encoded, derive_label_names, make_encoder
+from jaxtune.data.encoding import Encoded, derive_label_names
+from jaxtune.data.formats import make_encoder
 from jaxtune.data.loaders import RowError, get_field
 from jaxtune.data.packing import pack_lengths, padded_length
 from jaxtune.data.splits import SPLITS, SplitSource, hash_files, load_split

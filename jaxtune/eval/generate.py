@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune.data.formats import bos_prefix
+from jaxtune.data.encoding import bos_prefix
 from jaxtune.errors import ConfigError
 
 
