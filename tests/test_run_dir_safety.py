@@ -201,7 +201,7 @@ def test_seq_len_above_the_position_limit_is_one_line(root, capsys):
     assert "train.seq_len=100000" in msg and "256" in msg
     assert not (root / "long" / "run").exists()
     # Set on purpose (context extension) it is accepted by this check.
-    from jaxtune.train.loop import check_positions
+    from jaxtune.train.preflight import check_positions
 
     check_positions(load_config(cfg, ["model.max_seq_len=100000"]))
 
@@ -212,7 +212,7 @@ def test_seq_len_above_a_learned_position_table_is_refused(root, tmp_path):
     from jaxtune.hf.io import save_hf
     from jaxtune.models import init_model
     from jaxtune.models.bert import BertConfig
-    from jaxtune.train.loop import check_positions
+    from jaxtune.train.preflight import check_positions
 
     bert = save_hf(init_model(BertConfig.tiny(), jnp.float32), tmp_path / "bert")
     path = _cfg(root, "bert", peft="{method: full}")
