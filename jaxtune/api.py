@@ -208,7 +208,8 @@ def save_pretrained(
     kernels are dequantized first, then LoRA is merged into them (as PEFT merges into
     bitsandbytes models): the files hold dense weights.
     """
-    from jaxtune.hf.io import check_out_dir, overwriting, save_hf
+    from jaxtune.atomic import check_out_dir, overwriting
+    from jaxtune.hf.io import save_hf
     from jaxtune.models.heads import SequenceClassifier
     from jaxtune.peft import merged_copy
     from jaxtune.quant import dequantize_model
@@ -252,7 +253,7 @@ def save_checkpoint(
     """
     import orbax.checkpoint as ocp
 
-    from jaxtune.hf.io import atomic_dir
+    from jaxtune.atomic import atomic_dir
     from jaxtune.models import config_to_dict
     from jaxtune.quant import dequantize_model
 
@@ -332,7 +333,7 @@ def convert(
 
     ``overwrite``: replace an earlier jaxtune output at ``out`` (else it is refused).
     """
-    from jaxtune.hf.io import check_out_dir
+    from jaxtune.atomic import check_out_dir
 
     check_out_dir(out, overwrite)  # before loading anything
     # Tokenizer first: its build peak then never stacks on top of the loaded weights.

@@ -400,8 +400,9 @@ def export_classifier(clf: SequenceClassifier, out, tokenizer=None, *, tol=1e-4)
     that batch (and on random ids) differ from ``clf``'s by at most ``tol`` (+ relative).
     Prints nothing: callers report the returned difference.
     """
+    from jaxtune.atomic import atomic_dir
     from jaxtune.hf import safetensors_io as st
-    from jaxtune.hf.io import atomic_dir, iter_hf_tensors
+    from jaxtune.hf.io import iter_hf_tensors
     from jaxtune.models import family_of_config
     from jaxtune.peft import merged_copy
     from jaxtune.peft.export import ExportError

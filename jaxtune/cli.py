@@ -233,7 +233,7 @@ def cmd_convert(args) -> int:
 
 def cmd_export(args) -> int:
     from jaxtune.api import from_pretrained, load_tokenizer, model_kind
-    from jaxtune.hf.io import check_out_dir, overwriting
+    from jaxtune.atomic import check_out_dir, overwriting
     from jaxtune.peft.export import export_adapter, export_merged
     from jaxtune.resources import resolve_path
 

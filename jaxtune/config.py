@@ -19,7 +19,6 @@ stay strings, so labels like ``[yes, no]`` survive) and ``1e-4`` is a float.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import types
 import typing
@@ -29,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from jaxtune.atomic import atomic_file
 from jaxtune.config_reference import config_reference_markdown, field_docs
 from jaxtune.config_schema import (
     APPLIES_TO,
@@ -479,9 +479,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
     text = yaml.dump(
         config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100
     )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("# jaxtune resolved config\n" + text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_file(path, "# jaxtune resolved config\n" + text)
 
 
 def resolve_mesh(mesh: MeshConfig, n_devices: int) -> tuple[int, int, int]:

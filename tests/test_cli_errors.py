@@ -341,7 +341,7 @@ def test_eval_checks_sampling_options_first(tiny, capsys, flag, value):
 
 
 def test_atomic_dir_overwrite_rules(tmp_path):
-    from jaxtune.hf.io import EXPORT_MARKER, OutputError, atomic_dir, overwriting
+    from jaxtune.atomic import EXPORT_MARKER, OutputError, atomic_dir, overwriting
 
     out = tmp_path / "x"
     with atomic_dir(out) as d:
@@ -368,8 +368,8 @@ def test_atomic_dir_overwrite_rules(tmp_path):
 def test_full_disk_during_an_export_is_one_line(tmp_path):
     import errno
 
+    from jaxtune.atomic import atomic_dir
     from jaxtune.errors import DiskFullError
-    from jaxtune.hf.io import atomic_dir
 
     with pytest.raises(DiskFullError, match="no space left on device writing"):
         with atomic_dir(tmp_path / "out") as d:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from jaxtune.atomic import atomic_file
 from jaxtune.data.config import DataConfig
 from jaxtune.data.loaders import (
     Record,
@@ -62,9 +62,7 @@ def hash_files(paths: list[Path], cache_dir: Path | None = None) -> str:
             total.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{digest};".encode())
     if memo_path and changed:
         memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        atomic_file(memo_path, json.dumps(memo))
     return total.hexdigest()
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from jaxtune.atomic import atomic_file
 
 # Metrics shown in the Markdown tables, in this order (others stay in the JSON only).
 SHOWN = (
@@ -125,12 +126,6 @@ def compare_table(base: dict, model: dict, labels: tuple[str, str] = ("before", 
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(
     out_dir: str | Path,
     results: dict,
@@ -153,7 +148,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
     paths = {"json": out / "eval_report.json", "md": out / "eval_report.md"}
-    _atomic_write(paths["json"], json.dumps(results, indent=2) + "\n")
+    atomic_file(paths["json"], json.dumps(results, indent=2) + "\n")
     header = ["# jaxtune evaluation", ""]
     for k in ("model", "base_model", "tasks", "num_fewshot", "limit", "seconds"):
         if meta.get(k) is not None:
@@ -162,12 +157,12 @@ def write_report(
     if base is not None:
         paths["base_json"] = out / "eval_report_base.json"
         paths["compare_json"] = out / "eval_compare.json"
-        _atomic_write(paths["base_json"], json.dumps(base, indent=2) + "\n")
-        _atomic_write(
+        atomic_file(paths["base_json"], json.dumps(base, indent=2) + "\n")
+        atomic_file(
             paths["compare_json"], json.dumps(compare_results(base, results), indent=2) + "\n"
         )
         body = compare_table(base, results, labels)
-    _atomic_write(paths["md"], "\n".join(header) + "\n\n" + body)
+    atomic_file(paths["md"], "\n".join(header) + "\n\n" + body)
     paths["meta"] = out / "eval_meta.json"
-    _atomic_write(paths["meta"], json.dumps(meta, indent=2, default=str) + "\n")
+    atomic_file(paths["meta"], json.dumps(meta, indent=2, default=str) + "\n")
     return paths

@@ -24,7 +24,7 @@ base + :func:`load_peft_adapter`) and compares logits on a fixed probe batch whi
 files are still in the temporary directory: a mismatch raises and nothing is left at
 ``out``. An existing non-empty ``out`` is refused unless ``overwrite=True``, which
 replaces an earlier jaxtune export (never a directory holding anything else); see
-:func:`jaxtune.hf.io.atomic_dir`.
+:func:`jaxtune.atomic.atomic_dir`.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune.atomic import atomic_dir
 from jaxtune.errors import ConfigError, JaxtuneError, ModelLoadError
 from jaxtune.hf import safetensors_io as st
-from jaxtune.hf.io import atomic_dir
 from jaxtune.hf.keymap import keymap_for
 from jaxtune.peft.adapters import has_adapters
 from jaxtune.peft.lora import add_lora, linears, lora_linears, lora_spec, path_str
