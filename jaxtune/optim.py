@@ -39,7 +39,8 @@ def lr_schedule(cfg, total_steps: int) -> optax.Schedule:
 
     Linear warmup 0 -> ``lr`` over the warmup steps (lr is 0 at step 0, as in HF), then
     ``constant`` / ``linear`` / ``cosine`` decay to ``lr * min_lr_ratio`` at
-    ``total_steps``.
+    ``total_steps`` (held there after). Built from optax's schedules, joined at the end
+    of the warmup.
 
     Args:
       cfg: ``OptimConfig``.
@@ -55,21 +56,16 @@ def lr_schedule(cfg, total_steps: int) -> optax.Schedule:
     floor = peak * float(cfg.min_lr_ratio)
     warm = warmup_steps(cfg, total_steps)
     decay_len = max(total_steps - warm, 1)
-    kind = cfg.schedule
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm_lr = peak * step / max(warm, 1)
-        t = jnp.clip((step - warm) / decay_len, 0.0, 1.0)
-        if kind == "constant":
-            decayed = jnp.full_like(t, peak)
-        elif kind == "linear":
-            decayed = peak + (floor - peak) * t
-        else:
-            decayed = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
-        return jnp.where(step < warm, warm_lr, decayed)
-
-    return schedule
+    if cfg.schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(peak, floor, decay_len)
+    else:
+        decay = optax.cosine_decay_schedule(peak, decay_len, alpha=float(cfg.min_lr_ratio))
+    # join_schedules runs the decay on ``step - warm`` from step ``warm`` on; with no
+    # warmup the boundary is 0 and the warmup piece is never used.
+    warmup = optax.linear_schedule(0.0, peak, max(warm, 1))
+    return optax.join_schedules([warmup, decay], boundaries=[warm])
 
 
 def _key_name(k) -> str:

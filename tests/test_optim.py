@@ -1,5 +1,7 @@
 """Optimizers, schedules, weight-decay masks and clipping."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,14 @@ from jaxtune.config import OptimConfig
 from jaxtune.errors import ConfigError
 from jaxtune.models import init_model
 from jaxtune.models.llama import LlamaConfig
-from jaxtune.optim import build_optimizer, decay_mask, lr_schedule, state_bytes, tree_bytes
+from jaxtune.optim import (
+    build_optimizer,
+    decay_mask,
+    lr_schedule,
+    state_bytes,
+    tree_bytes,
+    warmup_steps,
+)
 
 
 def lrs(total, **kw):
@@ -31,6 +40,72 @@ def test_schedules():
     np.testing.assert_allclose(lrs(8, schedule="cosine")[0], 1.0)  # no warmup: peak first
     with pytest.raises(ConfigError, match="optim.schedule"):
         lr_schedule(OptimConfig(schedule="step"), 10)
+
+
+def reference_lr(kind, peak, floor_ratio, warm, total, step):
+    """The hand-written schedule ``lr_schedule`` computed before it was built from optax
+    (float64): linear warmup ``peak * step / warm``, then constant / linear / cosine decay
+    to ``peak * floor_ratio`` over ``max(total - warm, 1)`` steps, clamped there."""
+    floor = peak * floor_ratio
+    if step < warm:
+        return peak * step / max(warm, 1)
+    t = min(max((step - warm) / max(total - warm, 1), 0.0), 1.0)
+    if kind == "constant":
+        return peak
+    if kind == "linear":
+        return peak + (floor - peak) * t
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# (warmup config, total steps, min_lr_ratio, resolved warmup length)
+SCHEDULE_CASES = [
+    ({}, 10, 0.0, 0),
+    ({}, 1, 0.3, 0),
+    ({"warmup_steps": 2}, 10, 0.1, 2),
+    ({"warmup_steps": 1}, 1, 0.0, 1),
+    ({"warmup_steps": 5}, 7, 0.5, 5),
+    ({"warmup_steps": 10}, 10, 0.2, 10),  # warmup == total
+    ({"warmup_steps": 12}, 10, 0.1, 12),  # warmup past total
+    ({"warmup_ratio": 0.15}, 37, 0.05, 6),  # ceil(5.55)
+    ({"warmup_ratio": 0.2}, 10, 0.0, 2),
+    ({"warmup_steps": 3}, 100, 1.0, 3),
+    ({"warmup_steps": 250}, 1000, 0.01, 250),
+]
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup,total,ratio,warm", SCHEDULE_CASES)
+def test_schedule_matches_the_hand_written_formula(kind, warmup, total, ratio, warm):
+    peak = 3e-4
+    cfg = OptimConfig(lr=peak, schedule=kind, min_lr_ratio=ratio, **warmup)
+    assert warmup_steps(cfg, total) == warm
+    sched = lr_schedule(cfg, total)
+    steps = range(total + 4)
+    got = np.array([float(sched(s)) for s in steps])
+    jitted = np.array([float(jax.jit(sched)(jnp.int32(s))) for s in (0, warm, total + 3)])
+    want = np.array([reference_lr(kind, peak, ratio, warm, total, s) for s in steps])
+    # 1e-6 relative to the peak lr: float32 interpolation ``(end - start) * pct + start``
+    # loses relative (not absolute) precision on the first warmup steps of a long warmup.
+    tol = 1e-6 * peak
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+    np.testing.assert_allclose(jitted, want[[0, warm, total + 3]], rtol=0, atol=tol)
+    assert got[0] == (0.0 if warm else np.float32(peak))
+    # The check is sharp enough to see a warmup that is one step off.
+    for off in (warm - 1, warm + 1):
+        if off >= 0 and off != warm:
+            wrong = [reference_lr(kind, peak, ratio, off, total, s) for s in steps]
+            assert np.max(np.abs(got - np.array(wrong))) > 100 * tol, off
+
+
+def test_schedule_config_errors():
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        lr_schedule(OptimConfig(schedule="step"), 10)
+    with pytest.raises(ConfigError, match="train.steps"):
+        lr_schedule(OptimConfig(), 0)
+    with pytest.raises(ConfigError, match="min_lr_ratio"):
+        lr_schedule(OptimConfig(min_lr_ratio=1.5), 10)
+    with pytest.raises(ConfigError, match="min_lr_ratio"):
+        lr_schedule(OptimConfig(min_lr_ratio=-0.1), 10)
 
 
 def test_decay_mask_skips_norms_biases_embeddings_even_when_stacked():
