@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import tensorboard_scalars
 
 from jaxtune.config import load_config
 from jaxtune.train import testing as T
@@ -78,6 +79,29 @@ def test_resume_equals_uninterrupted(tmp_path, tiny):
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
     assert loss_a[-1] < loss_a[0]  # it learns
+
+
+def test_tensorboard_holds_every_logged_scalar(tmp_path, tiny):
+    """A real run, stopped at step 3 and resumed, evaluating every 3 steps: tbparse reads
+    back each numeric value of metrics.jsonl under its key at its step."""
+    cfg = make_config(
+        tmp_path, tiny, "mesh.data=8", "data.validation_fraction=0.25", "train.eval_every=3"
+    )
+    assert train(cfg, stop_after=3)["steps"] == 3
+    assert train(cfg)["steps"] == 6
+    run = tmp_path / "run"
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    want: dict[tuple[int, str], list[float]] = {}
+    for row in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()):
+        for tag, v in row.items():
+            if tag != "step" and isinstance(v, int | float) and not isinstance(v, bool):
+                want.setdefault((row["step"], tag), []).append(float(v))
+    assert {"loss", "lr", "eval/loss"} <= {tag for _, tag in want}
+    assert {s for s, tag in want if tag == "eval/loss"} == {3, 6}
+    got = tensorboard_scalars(run / "tensorboard")
+    assert got.keys() == want.keys()
+    for key, values in want.items():
+        np.testing.assert_allclose(got[key], values, rtol=1e-6, err_msg=str(key))
 
 
 SINGLE_DEVICE = """

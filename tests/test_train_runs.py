@@ -16,6 +16,7 @@ import types
 
 import numpy as np
 import pytest
+from helpers import tensorboard_scalars
 
 from jaxtune.config import load_config
 from jaxtune.train import testing as T
@@ -107,10 +108,9 @@ def test_reference_run_compiles_once_and_logs(ref):
     ckpt = Checkpointer(ref.run, async_save=False)
     assert ckpt.all_steps() == [2, 4, 6]
     ckpt.close()
-    from jaxtune.train.tensorboard import read_scalars
-
-    (events,) = (ref.run / "tensorboard").glob("events.out.tfevents.*")
-    losses = [(s, v) for s, tag, v in read_scalars(events) if tag == "loss"]
+    assert len(list((ref.run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    scalars = tensorboard_scalars(ref.run / "tensorboard")
+    losses = sorted((step, v) for (step, tag), (v,) in scalars.items() if tag == "loss")
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([v for _, v in losses], [r["loss"] for r in rows], rtol=1e-6)
 

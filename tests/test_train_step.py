@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import tensorboard_scalars
 
 from jaxtune.config import OptimConfig, PeftConfig, load_config
 from jaxtune.models import init_model
@@ -20,7 +21,6 @@ from jaxtune.sharding import make_mesh, per_device_bytes, shard_model, state_sha
 from jaxtune.train import hardware
 from jaxtune.train.state import init_opt_state, jit_train_step, make_state, train_state_shardings
 from jaxtune.train.step import make_train_step
-from jaxtune.train.tensorboard import EventWriter, read_scalars
 
 
 def _batch(rng, b, t, vocab, lengths):
@@ -183,18 +183,28 @@ def test_async_checkpoint_is_not_changed_by_the_next_donated_step(fsdp_full, tmp
     assert any(not np.array_equal(np.asarray(now[k][...]), v) for k, v in expected.items())
 
 
-def test_tensorboard_event_file_round_trip(tmp_path):
-    w = EventWriter(tmp_path)
-    w.scalars(1, {"loss": 2.5, "lr": 1e-3, "mfu": None, "name": "x"})
-    w.scalars(2, {"loss": 2.25})
-    w.close()
-    files = list(tmp_path.glob("events.out.tfevents.*"))
-    assert len(files) == 1
-    got = read_scalars(files[0])
-    assert got == [(1, "loss", 2.5), (1, "lr", pytest.approx(1e-3)), (2, "loss", 2.25)]
-    from jaxtune.train.tensorboard import crc32c
+def test_tensorboard_sink_writes_the_finite_numeric_scalars_of_each_row(tmp_path):
+    from jaxtune.train.logger import MetricsLogger
 
-    assert crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+    cfg = load_config(None, ["train.steps=3", "peft.method=full", "logging.progress=false"])
+    junk = {"mfu": None, "name": "x", "stopped": True, "nan": float("nan")}
+    logged = []
+    # A resumed run opens a second writer on the same directory, here within the same
+    # second: both files are kept.
+    for start, steps in ((0, [1, 2]), (2, [3])):
+        log = MetricsLogger(tmp_path, cfg, 3, start, params={"total": 100, "trainable": 10})
+        for step in steps:
+            row = {"step": step, "loss": 3.0 - step / 4, "lr": 1e-3 * step, "seq_tokens": 64}
+            log.log({**row, **junk})
+            logged.append(log.rows[-1])
+        log.close("done")
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    got = tensorboard_scalars(tmp_path / "tensorboard")
+    tags = {"loss", "lr", "seq_tokens", "tokens_per_sec", "flops_per_sec"}
+    want = {(r["step"], tag): [float(r[tag])] for r in logged for tag in tags}
+    assert got.keys() == want.keys()
+    for key, values in want.items():
+        np.testing.assert_allclose(got[key], values, rtol=1e-6, err_msg=str(key))
 
 
 def test_wandb_sink_logs_every_row(tmp_path, monkeypatch):

@@ -12,7 +12,9 @@ MFU counts 4 FLOPs per frozen and 6 per trainable parameter and token (see
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,11 +60,11 @@ class MetricsLogger:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
             self.rows = kept
         self.file = open(self.path, "a") if self.main else None  # noqa: SIM115
-        self.tb = None
-        if self.main and cfg.logging.tensorboard:
-            from jaxtune.train.tensorboard import EventWriter
-
-            self.tb = EventWriter(self.run_dir / "tensorboard")
+        self.tb = (
+            _tensorboard(self.run_dir / "tensorboard")
+            if (self.main and cfg.logging.tensorboard)
+            else None
+        )
         self.wandb = _start_wandb(cfg, self.run_dir, self.warn) if self.main else None
         self.bar = tqdm(
             total=total_steps,
@@ -90,7 +92,9 @@ class MetricsLogger:
             self.file.flush()
         scalars = {k: v for k, v in row.items() if k != "step" and v is not None}
         if self.tb:
-            self.tb.scalars(row["step"], scalars)
+            for tag, v in scalars.items():
+                if isinstance(v, int | float) and not isinstance(v, bool) and v == v:
+                    self.tb.add_scalar(tag, float(v), row["step"])
         if self.wandb:
             self.wandb.log(scalars, step=row["step"])
         post = {
@@ -135,6 +139,24 @@ class MetricsLogger:
             print(
                 f"{reason}; metrics in {self.path}, loss curve in {self.run_dir / 'loss_curve.png'}"
             )
+
+
+_TB_WRITERS = itertools.count()
+
+
+def _tensorboard(log_dir: Path):
+    """A ``tensorboardX.SummaryWriter`` on a new ``events.out.tfevents.*`` file in ``log_dir``.
+
+    tensorboardX names its file by the second and host and truncates an existing one, so a
+    writer reopened within the same second (a resume) would wipe the previous file: the pid
+    and a per-process counter follow, as in ``torch.utils.tensorboard``'s file names. Events
+    are written by tensorboardX's worker thread and reach the disk at least every second
+    and at ``close``.
+    """
+    from tensorboardX import SummaryWriter  # also imports torch where it is installed
+
+    suffix = f".{os.getpid()}.{next(_TB_WRITERS)}"
+    return SummaryWriter(str(log_dir), flush_secs=1, filename_suffix=suffix)
 
 
 def _flops_per_token(info) -> float | None:
