@@ -8,18 +8,10 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
-
-def package_dir(name: str) -> Path:
-    """Directory of an installed offline model/data package (never imported)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"offline package {name} is not installed (run `make test`)")
-    return Path(list(spec.submodule_search_locations)[0])
+from helpers import package_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import package_dir
+from helpers import package_dir
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

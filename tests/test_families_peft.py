@@ -13,10 +13,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from test_gemma_parity import hf_gemma
-from test_gpt2_parity import hf_gpt2
-from test_peft_lora import perturb
-from test_peft_train import changed_paths, train
+from helpers import changed_paths, hf_gemma, hf_gpt2, perturb, torch_logits, train
 
 import jaxtune
 from jaxtune.api import numpy_logits
@@ -25,7 +22,7 @@ from jaxtune.peft import AdapterParam, apply_peft, export_adapter, export_merged
 from jaxtune.train import testing as T
 from jaxtune.train.loop import train as run_training
 
-VOCAB = 256  # test_peft_train's IDS are drawn from 256 tokens
+VOCAB = 256  # helpers.TRAIN_IDS are drawn from 256 tokens
 
 
 def base_model(family, tmp_path, vocab=VOCAB):
@@ -45,11 +42,6 @@ def load_torch(path):
     return transformers.AutoModelForCausalLM.from_pretrained(
         path, attn_implementation="eager"
     ).eval()
-
-
-def torch_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.float().numpy()
 
 
 CASES = {  # family: (peft config, scan_layers, train steps (0 = perturbed factors))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import package_dir
+from helpers import package_dir
 
 import jaxtune
 import jaxtune.features as features

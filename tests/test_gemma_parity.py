@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import transformers
 from flax import nnx
+from helpers import hf_gemma, torch_logits
 
 import jaxtune
 from jaxtune.api import numpy_logits
@@ -15,50 +15,6 @@ from jaxtune.models import abstract_model, param_count
 from jaxtune.models.gemma import GemmaConfig
 
 VOCAB = 128
-KINDS = {
-    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
-    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
-    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
-}
-
-
-def hf_gemma(kind: str, tmp_path, vocab=VOCAB, **over):
-    """A tiny random HF Gemma saved with save_pretrained; returns (dir, torch model)."""
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        # Larger than the default 0.02 so logits are O(1-10) and a wrong detail (RoPE
-        # base, norm offset, window) shows up far above the tolerance.
-        initializer_range=0.1,
-    )
-    common.update(over)
-    config_cls, model_cls = KINDS[kind]
-    cfg = config_cls(**common)
-    # Eager is HF's reference math (sdpa cannot soft-cap attention scores).
-    cfg._attn_implementation = "eager"
-    model = model_cls(cfg)
-    # Random init leaves norms at 0 (i.e. scale 1) and biases at 0; perturb them.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    out = tmp_path / kind
-    model.save_pretrained(out)
-    return out, model.eval()
-
-
-def torch_logits(model, ids, mask=None):
-    with torch.no_grad():
-        kw = {} if mask is None else {"attention_mask": torch.tensor(mask)}
-        return model(torch.tensor(ids), **kw).logits.float().numpy()
 
 
 def load_hf(path):

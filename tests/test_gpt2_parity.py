@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import safetensors.numpy
-import torch
 import transformers
 from flax import nnx
+from helpers import hf_gpt2, torch_logits
 
 import jaxtune
 from jaxtune.api import numpy_logits
@@ -16,45 +16,6 @@ from jaxtune.models import abstract_model, param_count
 from jaxtune.models.gpt2 import GPT2Config
 
 VOCAB = 128
-
-
-def hf_gpt2(kind: str, tmp_path, vocab=VOCAB, **over):
-    """A tiny random HF GPT-2 / GPT-Neo saved with save_pretrained; (dir, torch model)."""
-    torch.manual_seed(0)
-    # initializer_range 0.1 (not 0.02) so logits are O(1-10): wrong details show.
-    ids = dict(bos_token_id=vocab - 1, eos_token_id=vocab - 1, initializer_range=0.1)
-    if kind == "gpt2":
-        kw = dict(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64, **ids)
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**kw, **over}))
-    elif kind == "gpt_neo":
-        kw = dict(
-            vocab_size=vocab,
-            hidden_size=64,
-            num_layers=3,
-            num_heads=4,
-            max_position_embeddings=64,
-            window_size=5,
-            # global, local, local: not just the usual alternation.
-            attention_types=[[["global", "local"], 1], [["local"], 1]],
-            **ids,
-        )
-        model = transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(**{**kw, **over}))
-    else:
-        raise ValueError(kind)
-    # Random init leaves LayerNorms at (1, 0) and biases at 0; perturb them.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    out = tmp_path / kind
-    model.save_pretrained(out)
-    return out, model.eval()
-
-
-def torch_logits(model, ids, mask=None):
-    with torch.no_grad():
-        kw = {} if mask is None else {"attention_mask": torch.tensor(mask)}
-        return model(torch.tensor(ids), **kw).logits.float().numpy()
 
 
 CASES = {

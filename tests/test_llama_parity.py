@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import torch_logits
 
 import jaxtune
 from jaxtune.api import numpy_logits
@@ -46,12 +47,6 @@ def hf_model(kind: str, tmp_path, **over):
     out = tmp_path / kind
     model.save_pretrained(out)
     return out, model.eval()
-
-
-def torch_logits(model, ids, mask=None):
-    with torch.no_grad():
-        kw = {} if mask is None else {"attention_mask": torch.tensor(mask)}
-        return model(torch.tensor(ids), **kw).logits.float().numpy()
 
 
 CASES = {

@@ -8,8 +8,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from test_peft_lora import perturb
-from test_peft_train import train
+from helpers import perturb, torch_logits, train
 
 import jaxtune
 from jaxtune.api import numpy_logits
@@ -18,7 +17,7 @@ from jaxtune.errors import ConfigError
 from jaxtune.peft import apply_peft, export_adapter, export_merged, load_peft_adapter
 from jaxtune.peft.export import ExportError
 
-VOCAB = 256  # LlamaConfig.tiny's vocab: IDS in test_peft_train are drawn from it
+VOCAB = 256  # LlamaConfig.tiny's vocab: helpers.TRAIN_IDS are drawn from it
 
 
 def hf_llama(tmp_path):
@@ -36,11 +35,6 @@ def hf_llama(tmp_path):
     out = tmp_path / "base"
     transformers.LlamaForCausalLM(cfg).save_pretrained(out)
     return out
-
-
-def torch_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.float().numpy()
 
 
 def adapted(base, peft_cfg, scan=True, steps=3):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import perturb
 
 from jaxtune.api import numpy_logits
 from jaxtune.config import PeftConfig
@@ -30,17 +31,6 @@ SCAN = pytest.mark.parametrize("scan", [True, False], ids=["scan", "loop"])
 
 def tiny(scan=True, **kw):
     return init_model(LlamaConfig.tiny(scan_layers=scan, **kw), seed=0)
-
-
-def perturb(model, seed=1):
-    """Non-zero B (and a moved DoRA magnitude) so merges are actually tested."""
-    key = jax.random.key(seed)
-    for _, lin in lora_linears(model):
-        key, k1, k2 = jax.random.split(key, 3)
-        lin.lora_b.set_value(0.1 * jax.random.normal(k1, lin.lora_b.shape))
-        if lin.dora_m is not None:
-            m = lin.dora_m[...]
-            lin.dora_m.set_value(m * (1 + 0.1 * jax.random.normal(k2, m.shape)))
 
 
 @pytest.mark.parametrize(

@@ -5,49 +5,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
+from helpers import changed_paths, flat_np, train
 
-from jaxtune.config import OptimConfig, PeftConfig
+from jaxtune.config import PeftConfig
 from jaxtune.errors import ConfigError
 from jaxtune.models import init_model
 from jaxtune.models.llama import Linear, LlamaConfig
-from jaxtune.optim import build_optimizer, make_train_step, state_bytes, tree_bytes
+from jaxtune.optim import state_bytes, tree_bytes
 from jaxtune.peft import AdapterParam, apply_peft, summary, trainable_filter
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 12)))
-
-
-def lm_loss(model, ids):
-    logits = model(ids)[:, :-1]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-
-
-def train(model, peft_cfg, steps=3, optim=None):
-    """Runs ``steps`` optimizer steps on the trainable partition; returns the parts."""
-    filt = trainable_filter(model, peft_cfg)
-    graphdef, trainable, frozen = nnx.split(model, filt, ...)
-    optim = optim or OptimConfig(lr=1e-2, schedule="constant", weight_decay=0.01)
-    opt = build_optimizer(optim, steps, trainable)
-    opt_state = opt.init(trainable)
-    step = make_train_step(graphdef, opt, lm_loss)
-    # numpy snapshots: split states share Variables with the model, which the caller
-    # may update with the trained values afterwards.
-    before = (flat_np(trainable), flat_np(frozen))
-    for _ in range(steps):
-        trainable, opt_state, loss = step(trainable, frozen, opt_state, IDS)
-        assert np.isfinite(float(loss))
-    return before, trainable, opt_state
-
-
-def flat_np(state):
-    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
-
-
-def changed_paths(old, trainable):
-    new = flat_np(trainable)
-    return {p for p in new if not np.array_equal(new[p], old[p])}
 
 
 @pytest.mark.parametrize(
