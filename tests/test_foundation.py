@@ -60,6 +60,13 @@ def test_import_and_safetensors_load_do_not_import_torch(tmp_path):
         "m(np.zeros((1, 4), np.int32))\n"
         f"jaxtune.save_pretrained(m, {str(tmp_path / 'out')!r})\n"
         "assert 'torch' not in sys.modules, 'loading imported torch'\n"
+        "from pathlib import Path\n"
+        "from jaxtune.train.logger import _tensorboard\n"
+        f"w = _tensorboard(Path({str(tmp_path / 'tb')!r}))\n"
+        "w.add_scalar('loss', 1.5, 1)\n"
+        "w.close()\n"
+        "assert 'torch' not in sys.modules, 'the TensorBoard writer imported torch'\n"
+        f"assert list(Path({str(tmp_path / 'tb')!r}).glob('events.out.tfevents.*'))\n"
         "print('ok')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

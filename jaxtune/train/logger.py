@@ -144,6 +144,26 @@ class MetricsLogger:
 _TB_WRITERS = itertools.count()
 
 
+def _summary_writer_class():
+    """``tensorboardX.SummaryWriter``, imported without importing torch.
+
+    tensorboardX imports torch at import time wherever torch is installed, only to accept
+    torch tensors (jaxtune logs Python floats); jaxtune never imports torch at run time,
+    so torch is hidden while tensorboardX loads, unless the process already imported it.
+    Deferred to the first run that writes TensorBoard files.
+    """
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 def _tensorboard(log_dir: Path):
     """A ``tensorboardX.SummaryWriter`` on a new ``events.out.tfevents.*`` file in ``log_dir``.
 
@@ -153,8 +173,7 @@ def _tensorboard(log_dir: Path):
     are written by tensorboardX's worker thread and reach the disk at least every second
     and at ``close``.
     """
-    from tensorboardX import SummaryWriter  # also imports torch where it is installed
-
+    SummaryWriter = _summary_writer_class()
     suffix = f".{os.getpid()}.{next(_TB_WRITERS)}"
     return SummaryWriter(str(log_dir), flush_secs=1, filename_suffix=suffix)
 
