@@ -96,7 +96,8 @@ def from_pretrained(
       ``model.source`` remembers where it came from (tokenizer lookup).
     """
     from jaxtune.hf import io as hf_io
-    from jaxtune.quant import check_format, quantize_model
+    from jaxtune.models.quantized import check_format
+    from jaxtune.quant import quantize_model
     from jaxtune.resources import resolve_path
 
     path = resolve_path(path)

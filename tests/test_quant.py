@@ -16,7 +16,7 @@ from jaxtune.api import numpy_logits
 from jaxtune.config import OptimConfig, PeftConfig, config_from_dict
 from jaxtune.errors import ConfigError
 from jaxtune.hf.io import save_hf
-from jaxtune.models import init_model
+from jaxtune.models import init_model, quantized
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.optim import build_optimizer, make_train_step, state_bytes, tree_bytes
 from jaxtune.peft import apply_peft, export_adapter, export_merged, trainable_filter
@@ -66,10 +66,10 @@ def rel_err(got, ref):
 
 
 def test_nf4_codebook_is_the_published_table():
-    np.testing.assert_array_equal(quant.NF4_CODEBOOK, np.asarray(PUBLISHED_NF4, np.float32))
+    np.testing.assert_array_equal(quantized.NF4_CODEBOOK, np.asarray(PUBLISHED_NF4, np.float32))
     # Every level is its own nearest level: quantizing the table gives 0..15.
     w = np.tile(np.asarray(PUBLISHED_NF4, np.float32)[:, None], (4, 1))  # [64, 1]
-    codes, scales = quant.quantize(w, "nf4")
+    codes, scales = quantized.quantize(w, "nf4")
     assert scales.tolist() == [[1.0]]
     # One block of 64 rows: byte r holds row r (high nibble) and row 32 + r (low).
     hi, lo = codes[:, 0] >> 4, codes[:, 0] & 0xF
@@ -81,7 +81,7 @@ def test_round_trip_error_bounds_and_sizes(fmt):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((3, 256, 48)).astype(np.float32)  # [lead, in, out]
     w[0, :64, 0] = 0.0  # an all-zero block
-    codes, scales = quant.quantize(w, fmt)
+    codes, scales = quantized.quantize(w, fmt)
     n = w.size
     assert scales.shape == (3, 256 // 64, 48) and scales.dtype == jnp.bfloat16
     if fmt == "nf4":
@@ -90,7 +90,7 @@ def test_round_trip_error_bounds_and_sizes(fmt):
     else:
         assert codes.shape == w.shape and codes.dtype == np.int8 and codes.nbytes == n
     assert scales.nbytes == n // 64 * 2
-    back = np.asarray(quant.dequantize(codes, scales, fmt))
+    back = np.asarray(quantized.dequantize(codes, scales, fmt))
     assert back.shape == w.shape
     absmax = np.abs(w.reshape(3, 4, 64, 48)).max(axis=2, keepdims=True)
     err = np.abs(back - w).reshape(3, 4, 64, 48)
@@ -107,35 +107,37 @@ def test_round_trip_error_bounds_and_sizes(fmt):
     assert back[1, i, 3] == pytest.approx(w[1, i, 3], rel=2.0**-8)
     assert rel_err(back, w) < (0.01 if fmt == "int8" else 0.11)
     # Same result in any compute dtype up to its rounding; jit-able.
-    bf = jax.jit(quant.dequantize, static_argnums=(2, 3))(codes, scales, fmt, jnp.bfloat16)
+    bf = jax.jit(quantized.dequantize, static_argnums=(2, 3))(codes, scales, fmt, jnp.bfloat16)
     assert bf.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(bf, np.float32), back, rtol=1e-2, atol=1e-6)
 
 
 def test_block_size_and_shape_errors():
-    assert quant.block_size(4096) == 64 and quant.block_size(96) == 32
-    codes, scales = quant.quantize(np.ones((96, 4)), "nf4")
+    assert quantized.block_size(4096) == 64 and quantized.block_size(96) == 32
+    codes, scales = quantized.quantize(np.ones((96, 4)), "nf4")
     assert codes.shape == (48, 4) and scales.shape == (3, 4)
     with pytest.raises(ConfigError, match="odd"):
-        quant.quantize(np.ones((7, 4)), "nf4")
+        quantized.quantize(np.ones((7, 4)), "nf4")
     with pytest.raises(ConfigError, match="int8"):
-        quant.quantize(np.ones((8, 4)), "int4")
+        quantized.quantize(np.ones((8, 4)), "int4")
 
 
 def test_qmatmul_gradient_matches_dense_and_saves_no_kernel():
     rng = np.random.default_rng(1)
-    codes, scales = quant.quantize(rng.standard_normal((64, 32)), "nf4")
+    codes, scales = quantized.quantize(rng.standard_normal((64, 32)), "nf4")
     x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
-    w = quant.dequantize(codes, scales, "nf4")
+    w = quantized.dequantize(codes, scales, "nf4")
 
     def loss_q(x):
-        return jnp.sum(jnp.sin(quant.qmatmul(x, codes, scales, "nf4")))
+        return jnp.sum(jnp.sin(quantized.qmatmul(x, codes, scales, "nf4")))
 
     g = jax.grad(loss_q)(x)
     g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(x @ w)))(x)
     # nf4 sums two half-kernel matmuls: float32 rounding differs from one dot.
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=5e-5)
-    np.testing.assert_allclose(quant.qmatmul(x, codes, scales, "nf4"), x @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        quantized.qmatmul(x, codes, scales, "nf4"), x @ w, rtol=1e-5, atol=1e-5
+    )
     # The forward keeps only codes + scales (+ what sin needs), never the float kernel.
     _, vjp = jax.vjp(loss_q, x)
     residuals = [r for r in jax.tree.leaves(vjp) if hasattr(r, "shape")]
@@ -160,12 +162,12 @@ def test_qmatmul_on_tpu_needs_no_float32_kernel(fmt, most):
     devices = topology_devices("v5e:1x1")
     sharding = NamedSharding(Mesh(np.array(devices), ("d",)), PartitionSpec())
     tokens, d_in, d_out = 4096, 4096, 14336
-    codes_shape, codes_dtype, scales_shape, scales_dtype = quant.quantized_shapes(
+    codes_shape, codes_dtype, scales_shape, scales_dtype = quantized.quantized_shapes(
         (d_in, d_out), fmt
     )
 
     def step(x, codes, scales, g):
-        _, vjp = jax.vjp(lambda x: quant.qmatmul(x, codes, scales, fmt), x)
+        _, vjp = jax.vjp(lambda x: quantized.qmatmul(x, codes, scales, fmt), x)
         return vjp(g)[0]
 
     shapes = [
@@ -202,7 +204,7 @@ def test_quantized_model_is_close_to_the_dense_model():
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     q = ("layers", "mlp", "up_proj", "kernel")
     codes, scales = flat[(*q, "codes")], flat[(*q, "scales")]
-    assert type(codes) is quant.QuantWeight and not isinstance(codes, nnx.Param)
+    assert type(codes) is quantized.QuantWeight and not isinstance(codes, nnx.Param)
     assert codes.get_metadata()["axes"] == ("layers", "embed", "mlp")
     assert scales.get_metadata()["axes"] == ("layers", "embed", "mlp")
     assert isinstance(flat[("lm_head", "kernel")], nnx.Param)
@@ -265,7 +267,7 @@ def test_lora_on_quantized_base_is_identity_at_init():
     adapter = PeftConfig(method="adapter", adapter_size=8)
     for m, p in ((model, dora), (apply_peft(tiny(True, num_layers=1), adapter), adapter)):
         flat = nnx.to_flat_state(nnx.state(m, trainable_filter(m, p)))
-        assert flat and not any(type(v) is quant.QuantWeight for _, v in flat)
+        assert flat and not any(type(v) is quantized.QuantWeight for _, v in flat)
 
 
 def test_lora_training_on_unscanned_quantized_layers():

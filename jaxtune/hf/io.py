@@ -22,7 +22,13 @@ from jaxtune.atomic import atomic_dir
 from jaxtune.errors import ConfigError, ModelLoadError
 from jaxtune.hf import safetensors_io as st
 from jaxtune.hf.keymap import keymap_for, path_str
-from jaxtune.models import abstract_model, family_for_model_type, family_of_config, fill_model
+from jaxtune.models import (
+    abstract_model,
+    family_for_model_type,
+    family_of_config,
+    fill_model,
+    quantized,
+)
 
 PICKLE_NAMES = (
     "pytorch_model.bin",
@@ -191,12 +197,12 @@ def load_params(
         qpaths = ((*path, "codes"), (*path, "scales"))
         if path not in expected and qpaths[0] in expected:
             codes = expected[qpaths[0]]
-            want = quant.logical_shape(
+            want = quantized.logical_shape(
                 codes.shape[1:] if idx is not None else codes.shape, quantize
             )
             value = rule.to_ours(np.asarray(arr))
             _check_shape(fname, name, arr, value, want, rule)
-            for qpath, q in zip(qpaths, quant.quantize(value, quantize), strict=True):
+            for qpath, q in zip(qpaths, quantized.quantize(value, quantize), strict=True):
                 put(qpath, idx, q)
             continue
         if path not in expected:
@@ -214,8 +220,8 @@ def load_params(
         names = []
         for key in missing[:3]:
             # A quantized kernel's codes/scales: name the HF weight they come from.
-            quantized = key[-1] in ("codes", "scales") and key[:-1] not in expected
-            p = key[:-1] if quantized else key
+            is_quantized = key[-1] in ("codes", "scales") and key[:-1] not in expected
+            p = key[:-1] if is_quantized else key
             for rule in keymap.rules:
                 if any(
                     rule.ours_path(i, scanned)[0] == p

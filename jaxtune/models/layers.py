@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.models.attention import flash_attention
-from jaxtune.quant import QuantizedKernel
+from jaxtune.models.quantized import QuantizedKernel
 
 # Keys per block of the flash path: [B, N, T, 512] float32 scores at most per block.
 FLASH_CHUNK = 512
@@ -164,7 +164,7 @@ class Linear(nnx.Module):
     a base checkpoint loads into a model with adapters as-is.
 
     ``jaxtune.quant`` may replace ``kernel`` by a frozen
-    :class:`~jaxtune.quant.QuantizedKernel` (int8 / nf4 codes + scales); it is then
+    :class:`~jaxtune.models.quantized.QuantizedKernel` (int8 / nf4 codes + scales); it is then
     dequantized on the fly to x's dtype, in the forward and again in the backward pass.
     """
 

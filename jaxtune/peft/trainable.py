@@ -16,7 +16,7 @@ feature    the classification head only: parameters under a module named
            here; the head module is built by the classification model)
 =========  ==============================================================
 
-Quantized base kernels (``jaxtune.quant.QuantWeight``) are not ``nnx.Param`` and are
+Quantized base kernels (``jaxtune.models.quantized.QuantWeight``) are not ``nnx.Param`` and are
 never trainable; ``full`` on a quantized model is a ConfigError.
 
 plus ``peft.unfreeze`` (named groups ``norms``, ``biases``, ``lm_head`` (the embedding
