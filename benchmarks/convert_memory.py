@@ -22,7 +22,7 @@ from jaxtune.resources import SMOLLM2_GGUF, resolve_path
 
 IMPORTS = (
     "import jax, jax.numpy as jnp, orbax.checkpoint, transformers, gguf, jaxtune.api, jaxtune.hf.io, "
-    "jaxtune.hf.gguf; from transformers import PreTrainedTokenizerFast; jnp.zeros(1).block_until_ready()"
+    "jaxtune.gguf.load; from transformers import PreTrainedTokenizerFast; jnp.zeros(1).block_until_ready()"
 )
 
 
@@ -47,7 +47,7 @@ def peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     src = resolve_path(SMOLLM2_GGUF)
-    from jaxtune.hf.gguf import read_gguf_config
+    from jaxtune.gguf.load import read_gguf_config
 
     cfg = read_gguf_config(src)
     h, f, v, n = (

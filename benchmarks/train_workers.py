@@ -66,20 +66,11 @@ class JaxSide:
 
     def __init__(self, spec: dict):
         import jax
-        from flax import nnx
 
         from jaxtune.config import config_from_dict, validate_against_devices
-        from jaxtune.optim import build_optimizer
-        from jaxtune.peft.trainable import trainable_filter
-        from jaxtune.sharding import make_mesh, state_shardings
-        from jaxtune.train.loop import build_model, device_batch
-        from jaxtune.train.state import (
-            init_opt_state,
-            jit_train_step,
-            make_state,
-            train_state_shardings,
-        )
-        from jaxtune.train.step import loss_sums_for
+        from jaxtune.sharding import device_batch, make_mesh
+                from jaxtune.train.state import make_state, setup_step
+        from jaxtune.train.tasks import task_for
 
         self.jax = jax
         self.rss = {"imports": _rss_mib()}
@@ -100,28 +91,16 @@ class JaxSide:
         cfg = config_from_dict(sections)
         mesh = make_mesh(*validate_against_devices(cfg, jax.device_count(), 1))
         t0 = time.perf_counter()
-        model = build_model(cfg, mesh)
+        task = task_for(cfg)
+        model = task.build_model(mesh)
         self.rss["model"] = _rss_mib()
-        filt = trainable_filter(model, cfg.peft)
-        graphdef, params, self.frozen = nnx.split(model, filt, ...)
-        loss_sums = loss_sums_for(model)
+        setup = setup_step(task, model, mesh, 1000)
         del model
-        tx = build_optimizer(cfg.optim, 1000, params)
-        opt_state = init_opt_state(tx, params, mesh)
-        self.info = {
-            "trainable": sum(x.size for x in jax.tree.leaves(params)),
-            "total": sum(x.size for x in jax.tree.leaves((params, self.frozen))),
-        }
-        self.state = make_state(0, params, opt_state, cfg.train.seed, mesh)
-        del params, opt_state
-        self.step_fn = jit_train_step(
-            graphdef,
-            tx,
-            train_state_shardings(self.state["params"], self.state["opt_state"], mesh),
-            state_shardings(self.frozen, mesh),
-            mesh,
-            loss_sums=loss_sums,
-        )
+        self.frozen = setup.frozen
+        self.info = {"trainable": setup.info["trainable"], "total": setup.info["total"]}
+        self.state = make_state(0, setup.params, setup.opt_state, cfg.train.seed, mesh)
+        self.step_fn = setup.step_fn
+        del setup
         self.info["load_s"] = time.perf_counter() - t0
         self.rss["state"] = _rss_mib()
         self.batch = make_batch(spec)

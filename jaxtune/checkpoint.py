@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -27,8 +29,19 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
+from jaxtune.atomic import atomic_dir
 from jaxtune.errors import ConfigError, DiskFullError, JaxtuneError, ModelLoadError
+from jaxtune.hf.io import default_sharding
+from jaxtune.models import (
+    abstract_model,
+    config_from_dict,
+    config_to_dict,
+    fill_model,
+    resolve_dtype,
+)
+from jaxtune.quant import dequantize_model
 
 _NO_SPACE = ("No space left on device", "os_error_code='28'", "Disk quota exceeded")
 
@@ -298,66 +311,87 @@ class Checkpointer:
                 self.manager.close()
 
 
-def run_model_source(run_dir: Path) -> str:
-    """The base model path recorded in a run's resolved config."""
-    from jaxtune.config import load_config
-
-    return load_config(Path(run_dir) / "config.yaml").model.path
+MARKER = "jaxtune.json"
 
 
-def load_run_model(run_dir: Path, dtype=None, step: int | None = None, **opts):
-    """Base model + PEFT modules + the trainable weights of a run's latest checkpoint.
+def flat_params(model: nnx.Module, variable_type=nnx.Param) -> dict[str, jax.Array]:
+    """``{"layers.attn.q_proj.kernel": array}`` of one variable type."""
+    flat = nnx.to_flat_state(nnx.state(model, variable_type))
+    return {".".join(str(p) for p in path): var[...] for path, var in flat}
 
-    Returns the model with adapters unmerged (``save_pretrained`` merges them).
+
+def save_checkpoint(
+    model: nnx.Module, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False
+) -> Path:
+    """Writes ``jaxtune.json`` + Orbax params (+ tokenizer files), atomically.
+
+    An existing non-empty ``out_dir`` is refused unless ``overwrite`` (which replaces an
+    earlier jaxtune output only; see :func:`save_pretrained`). Quantized kernels are saved dequantized (the values the model computes with);
+    ``from_pretrained(..., quantize=...)`` quantizes them again.
     """
-    from flax import nnx
+    import orbax.checkpoint as ocp
 
-    from jaxtune.api import from_pretrained
-    from jaxtune.config import load_config
-    from jaxtune.peft.trainable import apply_peft, trainable_filter
+    model = dequantize_model(model)
 
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    if cfg.peft.head == "classification":  # a SequenceClassifier: backbone + head
-        import dataclasses
+    out_dir = Path(out_dir).absolute()
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        params = flat_params(model)
+        dtype = str(next(iter(params.values())).dtype)
+        _param_checkpointer().save(tmp / "params", args=ocp.args.PyTreeSave(params))
+        meta = {
+            "format": "jaxtune",
+            "version": 1,
+            "dtype": dtype,
+            "model_config": config_to_dict(model.config),
+        }
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out_dir
 
-        from jaxtune.classify import build_classifier
-        from jaxtune.models.heads import classifier_filter
-        from jaxtune.train.classification import saved_labels
 
-        labels = saved_labels(run_dir)
-        names = labels["label_names"]
-        model_cfg = dataclasses.replace(cfg.model, dtype=dtype or cfg.model.dtype)
-        model = build_classifier(
-            dataclasses.replace(cfg, model=model_cfg),
-            labels["num_labels"],
-            tuple(names) if names else None,
-        )
-        filt = classifier_filter(model, cfg.peft)
-    else:
-        # The base as the run trained on it: a QLoRA run's adapters belong on the
-        # quantized kernels (exports dequantize them, so merged weights hold exactly
-        # what the trained model computed).
-        opts.setdefault("quantize", cfg.model.quantize)
-        model = from_pretrained(
-            cfg.model.path, dtype=dtype or cfg.model.dtype, scan_layers=scan_layers_for(cfg), **opts
-        )
-        apply_peft(model, cfg.peft, rngs=nnx.Rngs(cfg.train.seed))
-        filt = trainable_filter(model, cfg.peft)
-    ckpt = Checkpointer(run_dir, async_save=False)
+def _param_checkpointer():
+    """Orbax checkpointer for model weights: uncompressed (weights barely compress, and
+    compression buffers cost ~0.5x the model in host memory) with bounded bytes in flight,
+    so converting streams instead of doubling peak memory."""
+    import orbax.checkpoint as ocp
+
+    handler = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=1, save_device_host_concurrent_gb=1, use_compression=False
+    )
+    return ocp.Checkpointer(handler)
+
+
+def load_checkpoint(path: Path, dtype=None, sharding=None, **opts) -> nnx.Module:
+    """Loads a checkpoint written by :func:`save_checkpoint` straight into its shards."""
+    import orbax.checkpoint as ocp
+
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise ModelLoadError(f"{run_dir}: the run has no checkpoint yet")
-        _, params, _ = nnx.split(model, filt, ...)
-        params, _, _, _ = ckpt.restore(step, params)
-    finally:
-        ckpt.close(quiet=True)
-    nnx.update(model, params)
-    model.source = str(cfg.model.path)
+        meta = json.loads((path / MARKER).read_text())
+        cfg = config_from_dict(meta["model_config"]).replace(**opts)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelLoadError(
+            f"{path / MARKER}: invalid jaxtune checkpoint metadata ({e})"
+        ) from None
+    dtype = dtype or resolve_dtype(meta.get("dtype", "float32"))
+    abstract = abstract_model(cfg, dtype)
+    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    sharding = sharding or default_sharding
+    target = {
+        ".".join(str(p) for p in path_): jax.ShapeDtypeStruct(
+            var.shape, var.dtype, sharding=sharding(path_, var)
+        )
+        for path_, var in flat
+    }
+    try:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        restored = _param_checkpointer().restore(
+            path / "params", args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+        )
+    except Exception as e:  # orbax raises many types for truncated / mismatched data
+        raise ModelLoadError(
+            f"{path}: cannot restore params ({type(e).__name__}: {str(e)[:300]})"
+        ) from None
+    values = {path_: restored[".".join(str(p) for p in path_)] for path_, _ in flat}
+    model = fill_model(abstract, values)
     return model
-
-
-def scan_layers_for(cfg) -> bool:
-    """Top-N-layer unfreezing needs one array per layer, so it disables scanning."""
-    return bool(cfg.model.scan_layers and not cfg.peft.unfreeze_top_layers)

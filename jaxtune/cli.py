@@ -232,9 +232,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from jaxtune.api import from_pretrained, load_tokenizer, model_kind
     from jaxtune.atomic import check_out_dir, overwriting
-    from jaxtune.peft.export import export_adapter, export_merged
+    from jaxtune.export.peft import export_adapter, export_merged
+    from jaxtune.loading import from_pretrained, load_tokenizer, model_kind
     from jaxtune.resources import resolve_path
 
     src = resolve_path(args.src)
@@ -249,8 +249,8 @@ def cmd_export(args) -> int:
     from jaxtune.models.heads import SequenceClassifier
 
     if isinstance(model, SequenceClassifier):
-        from jaxtune.classify import export_classifier
         from jaxtune.errors import ConfigError
+        from jaxtune.export.classifier import export_classifier
 
         if args.adapter:
             raise ConfigError(
@@ -260,7 +260,7 @@ def cmd_export(args) -> int:
         with overwriting(args.overwrite):
             diff = export_classifier(model, args.out, tokenizer=load_tokenizer(src))
     elif args.adapter:
-        from jaxtune.checkpoint import run_model_source
+        from jaxtune.loading import run_model_source
 
         diff = export_adapter(model, args.out, run_model_source(src), overwrite=args.overwrite)
     else:
@@ -273,9 +273,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from jaxtune.api import DTYPES, from_pretrained, load_tokenizer
     from jaxtune.errors import ConfigError
     from jaxtune.eval.generate import SamplingConfig, generate_text
+    from jaxtune.loading import from_pretrained, load_tokenizer
+    from jaxtune.models import DTYPES
 
     # Every option is checked before a model is loaded.
     sampling = SamplingConfig(
@@ -316,9 +317,9 @@ def cmd_train(args) -> int:
 def cmd_data(args) -> int:
     from pathlib import Path
 
-    from jaxtune.api import load_tokenizer
     from jaxtune.config import load_config
     from jaxtune.data import inspect_data
+    from jaxtune.loading import load_tokenizer
     from jaxtune.train.run_dir import output_dir
 
     cfg = load_config(args.config, args.overrides)

@@ -179,6 +179,8 @@ class TrainConfig:
       overwrite: start over: delete the run's own files in ``run.dir`` first (only in a
         jaxtune run directory; files jaxtune did not write are refused, never deleted).
       max_eval_batches: cap on validation batches per evaluation; null = the whole split.
+      objective: the training task: ``sft`` (next-token loss on the trained tokens of
+        the data format). ``peft.head: classification`` selects ``classification``.
     """
 
     steps: int | None = None
@@ -194,6 +196,7 @@ class TrainConfig:
     resume: bool = True
     overwrite: bool = False
     max_eval_batches: int | None = None
+    objective: str = "sft"
 
 
 @dataclass(frozen=True)

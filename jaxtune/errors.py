@@ -39,3 +39,9 @@ class DiskFullError(JaxtuneError):
     checkpoint)."""
 
     exit_code = 1
+
+
+class ExportError(JaxtuneError):
+    """A written export does not reproduce the model (it is removed); exit code 1."""
+
+    exit_code = 1

@@ -35,8 +35,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxtune.data import build_datasets
 from jaxtune.errors import ConfigError
+from jaxtune.eval.classification import classification_metrics
+from jaxtune.loading import from_pretrained, load_tokenizer
 from jaxtune.models.heads import ClassificationHead, backbone_states, l2_normalize, pool
+from jaxtune.resources import resolve_path
 
 CACHE_VERSION = 1
 MODEL_SUFFIXES = (".safetensors", ".gguf", ".json")
@@ -82,7 +86,6 @@ def model_fingerprint(model) -> str:
             h.update("/".join(map(str, path)).encode())
             h.update(np.ascontiguousarray(np.asarray(var[...])).tobytes())
         return "params:" + h.hexdigest()
-    from jaxtune.resources import resolve_path
 
     path = resolve_path(model)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
@@ -253,8 +256,6 @@ class FeatureCache:
         if not isinstance(model, nnx.Module):
             source = str(model)
             if loader is None:
-                from jaxtune.api import from_pretrained
-
                 loader = lambda p: from_pretrained(p, dtype=spec.dtype)  # noqa: E731
             model = loader(model)
         t1 = time.perf_counter()
@@ -300,7 +301,7 @@ def dataset_examples(ds) -> list[np.ndarray]:
 
 def feature_head(cfg, feature: dict, splits: dict, k: int, *, log=print, **head_kw):
     """Cached features of ``splits`` and a head fitted on the ``train`` one (a run's
-    feature path, see ``jaxtune.classify.run``).
+    feature path, see ``jaxtune.train.compare.run``).
 
     Args:
       cfg: run config (``model``, ``peft.pooling`` / ``feature_layer`` / ``head_hidden``).
@@ -314,7 +315,6 @@ def feature_head(cfg, feature: dict, splits: dict, k: int, *, log=print, **head_
       (head, {split: features [N, D]}, {split: cache info}, train_head info). The
       backbone is loaded on the first cache miss only and shared by every split.
     """
-    from jaxtune.api import from_pretrained
 
     layer = feature.get("layer", cfg.peft.feature_layer)
     spec = FeatureSpec(cfg.peft.pooling, layer, bool(feature.get("normalize")), cfg.model.dtype)
@@ -496,3 +496,89 @@ def _apply_head(head, x):
 def predict_head(head: ClassificationHead, features: np.ndarray) -> np.ndarray:
     """float [N, D] -> logits float32 [N, K]."""
     return np.asarray(_apply_head(head, jnp.asarray(features, jnp.float32)))
+
+
+# ------------------------------------------------------------------ classification runs
+
+
+def feature_only(cfg) -> bool:
+    """``peft.method: feature`` with no backbone parameter unfrozen: no backbone
+    gradients at all, so the head is fitted on cached features (:func:`feature_run`)."""
+    p = cfg.peft
+    return p.method == "feature" and not p.unfreeze and not p.unfreeze_top_layers
+
+
+def classification_data(cfg) -> tuple[dict, dict]:
+    """(datasets, result stub) of a classification run config: the splits, and
+    ``method``, ``model``, ``eval_split`` (test, else validation), ``train_examples``,
+    ``majority`` (accuracy of the train split's majority class on the eval split),
+    ``num_labels``, ``label_names``.
+
+    Raises:
+      ConfigError: not ``data.format: classification``, or no split to evaluate on.
+    """
+    if cfg.data.format != "classification":
+        raise ConfigError("data.format: classification runs need format classification")
+    datasets = build_datasets(cfg.data, load_tokenizer(cfg.model.path), cfg.train.seq_len)
+    ev = "test" if "test" in datasets else "validation"
+    if ev not in datasets:
+        raise ConfigError("classification run: needs a test or validation split to evaluate")
+    train_ds, eval_ds = datasets["train"], datasets[ev]
+    names = train_ds.label_names
+    k = cfg.peft.num_labels or len(names)
+    majority = np.bincount(train_ds.labels, minlength=k).argmax()
+    return datasets, {
+        "method": cfg.peft.method,
+        "model": cfg.model.path,
+        "eval_split": ev,
+        "train_examples": train_ds.num_examples,
+        "majority": float(np.mean(eval_ds.labels == majority)),
+        "num_labels": int(k),
+        "label_names": names if len(names) == k else None,
+    }
+
+
+def feature_run(cfg, *, feature: dict | None = None, log=print) -> dict:
+    """A classification run with ``peft.method: feature`` (nothing unfrozen): features
+    of train and the eval split cached, a head fitted on them, scored on the eval split.
+
+    Args:
+      cfg: run config with ``data.format: classification``.
+      feature: options: ``cache_dir``, ``layer`` (overrides ``peft.feature_layer``;
+        ``"mean"`` averages layers), ``normalize``, ``head_steps``, ``head_lr``, ``l2``
+        (number or ``auto``), ``l2_grid``, ``folds`` (see :func:`train_head`),
+        ``batch_size`` (forward).
+
+    Returns:
+      A dict as :func:`classification_data`'s stub plus ``accuracy``, ``macro_f1``,
+      ``n``, ``confusion``, ``trainable_params``, ``total_params``, ``feature_cache``,
+      ``head_seconds``, ``head_l2``, ``seconds``; and, not JSON, ``_head`` (the fitted
+      head) and ``_labels`` (``{"num_labels", "label_names"}``) for callers that save it.
+    """
+    t0 = time.perf_counter()
+    datasets, result = classification_data(cfg)
+    ev, k = result["eval_split"], result["num_labels"]
+    eval_ds = datasets[ev]
+    splits = {"train": datasets["train"], ev: eval_ds}
+    head, feats, infos, hinfo = feature_head(cfg, dict(feature or {}), splits, k, log=log)
+    logits = predict_head(head, feats[ev])
+    n_head = sum(x.size for x in jax.tree.leaves(nnx.state(head, nnx.Param)))
+    m = classification_metrics(logits.argmax(-1), eval_ds.labels, k)
+    result.update(
+        trainable_params=int(n_head),
+        total_params=int(infos["train"]["manifest"]["backbone_params"] + n_head),
+        feature_cache={
+            s: {key: i[key] for key in ("key", "hit", "forward_batches", "seconds")}
+            for s, i in infos.items()
+        },
+        head_seconds=hinfo["seconds"],
+        head_l2=hinfo["l2"],
+        accuracy=m["accuracy"],
+        macro_f1=m["macro_f1"],
+        n=m["n"],
+        confusion=m["confusion"],
+        seconds=time.perf_counter() - t0,
+        _head=head,
+        _labels={"num_labels": k, "label_names": result["label_names"]},
+    )
+    return result

@@ -150,31 +150,3 @@ def state_bytes(opt_state) -> int:
 def tree_bytes(tree) -> int:
     """Bytes of the array leaves of any pytree (e.g. the trainable partition)."""
     return state_bytes(tree)
-
-
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn):
-    """A minimal jitted step over a split model (reference for the trainer, used in tests).
-
-    Only the trainable partition is differentiated and updated; the frozen partition
-    is an input that is passed through untouched.
-
-    Args:
-      graphdef: from ``nnx.split(model, trainable_filter, ...)``.
-      optimizer: from :func:`build_optimizer`, ``init`` on the trainable partition.
-      loss_fn: ``(model, batch) -> scalar loss``.
-
-    Returns:
-      ``step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, loss)``.
-    """
-    from flax import nnx
-
-    @jax.jit
-    def step(trainable, frozen, opt_state, batch):
-        def loss_of(tr):
-            return loss_fn(nnx.merge(graphdef, tr, frozen), batch)
-
-        loss, grads = jax.value_and_grad(loss_of)(trainable)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return step

@@ -134,3 +134,17 @@ def per_device_bytes(tree) -> int:
         for s in x.addressable_shards:
             per[s.device] = per.get(s.device, 0) + s.data.nbytes
     return max(per.values()) if per else 0
+
+
+def device_batch(batch: dict, mesh, leading: int = 0) -> dict:
+    """Host-local numpy batch -> global jax arrays sharded over (data, fsdp).
+
+    Each host passes only its own rows; ``make_array_from_process_local_data``
+    assembles the global batch without any host seeing the others' data. ``leading``:
+    axes before the batch axis (1 for stacked micro-batches [A, B, ...]).
+    """
+    out = {}
+    for k, v in batch.items():
+        sharding = batch_sharding(mesh, v.ndim, leading)
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out

@@ -4,7 +4,7 @@
 
 CONFIG (default ``configs/compare_sst2.yaml``) holds ``base`` (a jaxtune run config),
 ``runs`` (each a name, dotted ``set`` overrides and optional ``feature`` options) and
-``out_dir``. Each run is one call of :func:`jaxtune.classify.run` in its own process,
+``out_dir``. Each run is one call of :func:`jaxtune.train.compare.run` in its own process,
 so wall time and peak memory (max RSS) are its own. Writes ``results.json`` and
 ``results.md`` (accuracy, macro-F1, trainable parameters, wall time, peak memory, and
 whether the run beats the majority-class baseline on the held-out split).
@@ -42,7 +42,7 @@ def one_run(spec_path: Path, index: int, out_json: Path) -> None:
     ]
     cfg = load_config(None, [*base, *run.get("set", [])])
     feature = {"cache_dir": spec.get("feature_cache"), **(run.get("feature") or {})}
-    from jaxtune.classify import run as classify_run
+    from jaxtune.train.compare import run as classify_run
 
     result = classify_run(cfg, feature=feature, log=lambda m: print(f"  [{run['name']}] {m}"))
     result.pop("_model", None)

@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     run_dir = Path(summary["run_dir"])
     tuned = from_pretrained(run_dir)
     after = accuracy(tuned, tokenizer, cfg.data.template, splits["test"])
-    from jaxtune.peft.export import export_merged
+    from jaxtune.export.peft import export_merged
 
     export_dir = run_dir / "export" / "merged"
     # A rerun replaces its earlier export (jaxtune refuses to replace anything else).

@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import jax
 import numpy as np
+import optax
 import pytest
 
 # ------------------------------------------------------------------ offline packages
@@ -160,7 +162,7 @@ def train(model, peft_cfg, steps=3, optim=None):
     from flax import nnx
 
     from jaxtune.config import OptimConfig
-    from jaxtune.optim import build_optimizer, make_train_step
+    from jaxtune.optim import build_optimizer
     from jaxtune.peft import trainable_filter
 
     ids = jnp.asarray(TRAIN_IDS)
@@ -200,3 +202,31 @@ def tensorboard_scalars(log_dir) -> dict[tuple[int, str], list[float]]:
         for event in acc.Scalars(tag):
             out.setdefault((event.step, tag), []).append(event.value)
     return out
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn):
+    """A minimal jitted step over a split model: the reference the trainer's step is tested against.
+
+    Only the trainable partition is differentiated and updated; the frozen partition
+    is an input that is passed through untouched.
+
+    Args:
+      graphdef: from ``nnx.split(model, trainable_filter, ...)``.
+      optimizer: from :func:`build_optimizer`, ``init`` on the trainable partition.
+      loss_fn: ``(model, batch) -> scalar loss``.
+
+    Returns:
+      ``step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, loss)``.
+    """
+    from flax import nnx
+
+    @jax.jit
+    def step(trainable, frozen, opt_state, batch):
+        def loss_of(tr):
+            return loss_fn(nnx.merge(graphdef, tr, frozen), batch)
+
+        loss, grads = jax.value_and_grad(loss_of)(trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step

@@ -24,11 +24,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jaxtune  # noqa: E402
-from jaxtune.classify import build_classifier, export_classifier, predict, run  # noqa: E402
 from jaxtune.config import PeftConfig, load_config  # noqa: E402
 from jaxtune.data import build_datasets  # noqa: E402
-from jaxtune.errors import ConfigError  # noqa: E402
-from jaxtune.peft.export import ExportError  # noqa: E402
+from jaxtune.errors import ConfigError, ExportError  # noqa: E402
+from jaxtune.eval.classification import predict  # noqa: E402
+from jaxtune.export.classifier import export_classifier  # noqa: E402
+from jaxtune.loading import build_classifier  # noqa: E402
+from jaxtune.train.compare import run  # noqa: E402
 
 LORA = ["peft.method=lora", "peft.rank=4", "peft.alpha=8"]
 WORDS = "film book plot actor scene ending story music cast pace script tone".split()
@@ -282,7 +284,7 @@ def test_self_check_refuses_an_export_whose_tokenizer_drops_the_eos(
 ):
     """The old export's mistake (a tokenizer that adds nothing) is caught before the
     directory exists."""
-    from jaxtune import classifier_tokenizer
+    from jaxtune.export import classifier_tokenizer
 
     r = smollm2_run
     save = classifier_tokenizer.ExportedTokenizer.save

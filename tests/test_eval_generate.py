@@ -6,7 +6,7 @@ import torch
 import transformers
 
 import jaxtune
-from jaxtune.api import load_tokenizer, numpy_logits
+from jaxtune.api import load_tokenizer
 from jaxtune.eval.generate import (
     SamplingConfig,
     cut_at_stop,
@@ -14,6 +14,7 @@ from jaxtune.eval.generate import (
     render_prompt,
     sample_logits,
 )
+from jaxtune.verify import numpy_logits
 
 VOCAB = 96
 EOS = 2

@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from jaxtune.api import numpy_logits
 from jaxtune.data import BatchIterator, DataConfig, build_datasets
 from jaxtune.eval.perplexity import evaluate_loss, perplexity_of_data
 from jaxtune.models import init_model
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.sharding import make_mesh, shard_model
+from jaxtune.verify import numpy_logits
 
 CFG = LlamaConfig.tiny(vocab_size=49152, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxtune.api import load_tokenizer, numpy_logits
+from jaxtune.api import load_tokenizer
 from jaxtune.errors import DataError
 from jaxtune.eval.classification import classification_metrics, classification_report
 from jaxtune.eval.multiple_choice import accuracy_metrics, grouped_metrics, predictions
@@ -19,6 +19,7 @@ from jaxtune.eval.scoring import (
 from jaxtune.eval.tasks import MCItem
 from jaxtune.models import init_model
 from jaxtune.models.llama import LlamaConfig
+from jaxtune.verify import numpy_logits
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,12 @@ from flax import nnx
 from helpers import changed_paths, hf_gemma, hf_gpt2, perturb, torch_logits, train
 
 import jaxtune
-from jaxtune.api import numpy_logits
 from jaxtune.config import OptimConfig, PeftConfig, load_config
-from jaxtune.peft import AdapterParam, apply_peft, export_adapter, export_merged, load_peft_adapter
+from jaxtune.export.peft import export_adapter, export_merged, load_peft_adapter
+from jaxtune.peft import AdapterParam, apply_peft
 from jaxtune.train import testing as T
 from jaxtune.train.loop import train as run_training
+from jaxtune.verify import numpy_logits
 
 VOCAB = 256  # helpers.TRAIN_IDS are drawn from 256 tokens
 

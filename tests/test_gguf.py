@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.hf.gguf import iter_gguf_tensors, load_gguf_tokenizer, read_gguf_config
-from jaxtune.hf.gguf_reader import GGUFFile, GGUFFormatError
+from jaxtune.gguf.load import iter_gguf_tensors, load_gguf_tokenizer, read_gguf_config
+from jaxtune.gguf.reader import GGUFFile, GGUFFormatError
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -510,7 +510,7 @@ def test_tensors_match_transformers(smollm2_gguf, reference_model):
 @pytest.mark.slow
 def test_q_k_are_unpermuted(smollm2_gguf, reference_model):
     """The parity above is meaningful: the stored q/k rows really are in another order."""
-    from jaxtune.hf.gguf import _open
+    from jaxtune.gguf.load import _open
 
     _, reader = _open(smollm2_gguf)  # the importer's cached reader
     raw = {t.name: t for t in reader.tensors}
@@ -599,7 +599,7 @@ def test_no_torch_import(smollm2_gguf):
     code = textwrap.dedent(
         f"""
         import sys
-        from jaxtune.hf.gguf import iter_gguf_tensors, load_gguf_tokenizer, read_gguf_config
+        from jaxtune.gguf.load import iter_gguf_tensors, load_gguf_tokenizer, read_gguf_config
         path = {str(smollm2_gguf)!r}
         read_gguf_config(path)
         n = sum(1 for _ in iter_gguf_tensors(path))

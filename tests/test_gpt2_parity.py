@@ -10,10 +10,10 @@ from flax import nnx
 from helpers import hf_gpt2, torch_logits
 
 import jaxtune
-from jaxtune.api import numpy_logits
 from jaxtune.errors import ConfigError
 from jaxtune.models import abstract_model, param_count
 from jaxtune.models.gpt2 import GPT2Config
+from jaxtune.verify import numpy_logits
 
 VOCAB = 128
 

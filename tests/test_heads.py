@@ -13,14 +13,19 @@ import pytest
 from flax import nnx
 
 import jaxtune
-from jaxtune.classify import _logits, export_classifier, make_classifier_step, probe_batch
 from jaxtune.config import PeftConfig
 from jaxtune.errors import ConfigError
+from jaxtune.eval.classification import _logits
+from jaxtune.export.classifier import export_classifier
 from jaxtune.models import init_model
 from jaxtune.models.bert import BertConfig
-from jaxtune.models.heads import SequenceClassifier, classifier_filter, layer_states, pool
+from jaxtune.models.heads import SequenceClassifier, layer_states, pool
 from jaxtune.models.llama import LlamaConfig
+from jaxtune.models.losses import label_loss_sums
 from jaxtune.peft import apply_peft, summary
+from jaxtune.peft.trainable import classifier_filter
+from jaxtune.train.step import make_train_step
+from jaxtune.verify import probe_batch
 
 
 def test_pooling():
@@ -79,8 +84,14 @@ def test_train_step_learns_and_keeps_frozen_params_bit_identical():
     graphdef, params, frozen = nnx.split(clf, filt, ...)
     before = jax.tree.map(np.asarray, frozen)
     tx = optax.adam(5e-2)
-    state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params), "seed": 0}
-    step = jax.jit(make_classifier_step(graphdef, tx))
+    state = {
+        "step": jnp.int32(0),
+        "params": params,
+        "opt_state": tx.init(params),
+        "seed": jnp.uint32(0),
+    }
+    # The trainer's own step with the classification task's loss.
+    step = jax.jit(make_train_step(graphdef, tx, loss_sums=label_loss_sums))
     rs = np.random.RandomState(0)
     batch = {
         "input_ids": jnp.array(rs.randint(0, 128, (8, 10)), jnp.int32),

@@ -9,7 +9,7 @@ import transformers
 from helpers import torch_logits
 
 import jaxtune
-from jaxtune.api import numpy_logits
+from jaxtune.verify import numpy_logits
 
 VOCAB = 128
 

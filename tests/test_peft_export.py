@@ -11,11 +11,11 @@ from flax import nnx
 from helpers import perturb, torch_logits, train
 
 import jaxtune
-from jaxtune.api import numpy_logits
 from jaxtune.config import OptimConfig, PeftConfig
-from jaxtune.errors import ConfigError
-from jaxtune.peft import apply_peft, export_adapter, export_merged, load_peft_adapter
-from jaxtune.peft.export import ExportError
+from jaxtune.errors import ConfigError, ExportError
+from jaxtune.export.peft import export_adapter, export_merged, load_peft_adapter
+from jaxtune.peft import apply_peft
+from jaxtune.verify import numpy_logits
 
 VOCAB = 256  # LlamaConfig.tiny's vocab: helpers.TRAIN_IDS are drawn from it
 

@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 from helpers import perturb
 
-from jaxtune.api import numpy_logits
 from jaxtune.config import PeftConfig
 from jaxtune.errors import ConfigError
+from jaxtune.export.peft import save_peft_adapter
 from jaxtune.models import init_model
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.peft import (
@@ -20,10 +20,10 @@ from jaxtune.peft import (
     lora_linears,
     merge,
     merged_copy,
-    save_peft_adapter,
     summary,
     trainable_filter,
 )
+from jaxtune.verify import numpy_logits
 
 IDS = np.random.RandomState(0).randint(0, 256, (2, 12))
 SCAN = pytest.mark.parametrize("scan", [True, False], ids=["scan", "loop"])

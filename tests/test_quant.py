@@ -12,18 +12,19 @@ from flax import nnx
 
 import jaxtune
 from jaxtune import quant
-from jaxtune.api import numpy_logits
 from jaxtune.config import OptimConfig, PeftConfig, config_from_dict
 from jaxtune.errors import ConfigError
+from jaxtune.export.peft import export_adapter, export_merged
 from jaxtune.hf.io import save_hf
 from jaxtune.models import init_model, quantized
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.optim import build_optimizer, make_train_step, state_bytes, tree_bytes
-from jaxtune.peft import apply_peft, export_adapter, export_merged, trainable_filter
+from jaxtune.peft import apply_peft, trainable_filter
 from jaxtune.sharding import make_mesh, shard_model, state_shardings, variable_sharding
 from jaxtune.train import testing as T
 from jaxtune.train.command import add_plan_parser, run_plan
 from jaxtune.train.state import init_opt_state, jit_train_step, make_state, train_state_shardings
+from jaxtune.verify import numpy_logits
 
 IDS = np.random.RandomState(0).randint(0, 256, (2, 12))
 SCAN = pytest.mark.parametrize("scan", [True, False], ids=["scan", "loop"])
@@ -312,7 +313,7 @@ def _batch(b, t, vocab):
 
 def _train(mesh, steps=3):
     """The trainer's jitted step (AdamW) on a quantized LoRA model over ``mesh``."""
-    from jaxtune.train.loop import device_batch
+    from jaxtune.sharding import device_batch
 
     model = tiny(True, num_layers=1)
     apply_peft(model, LORA, nnx.Rngs(0))

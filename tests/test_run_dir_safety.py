@@ -138,7 +138,7 @@ def test_run_written_before_the_marker_still_resumes(root, capsys):
 
 def test_refused_resume_names_the_key_and_leaves_the_run_intact(root, capsys, tmp_path):
     import jaxtune
-    from jaxtune.peft.export import export_merged
+    from jaxtune.export.peft import export_merged
 
     cfg = _cfg(root, "rank")
     run = root / "rank" / "run"

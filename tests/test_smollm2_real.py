@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import jaxtune
-from jaxtune.api import load_tokenizer, numpy_logits
+from jaxtune.api import load_tokenizer
 from jaxtune.eval.generate import SamplingConfig, generate_text
+from jaxtune.verify import numpy_logits
 
 pytestmark = pytest.mark.slow
 

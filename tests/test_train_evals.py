@@ -195,8 +195,8 @@ def test_classification_trains_resumes_exactly_and_exports(root, cls_data, tmp_p
     assert "| gold \\ pred | low | high |" in (run / "classification_report.md").read_text()
     # The run loads back as the trained classifier, and exports as an HF
     # *ForSequenceClassification directory that reproduces its logits.
-    from jaxtune.classify import load_classifier
     from jaxtune.cli import main
+    from jaxtune.hf.classifier import load_classifier
 
     assert main(["export", str(run), str(tmp_path / "hf"), "--merged"]) == 0
     clf = jaxtune.from_pretrained(run)
@@ -223,10 +223,9 @@ def test_feature_method_runs_through_jaxtune_train(root, cls_data):
     # The fitted head is the run's checkpoint: the run loads back as the classifier
     # that scored the report (backbone from model.path + head), and scores the same.
     from jaxtune.api import load_tokenizer
-    from jaxtune.classify import predict
     from jaxtune.config import load_config
     from jaxtune.data import build_datasets
-    from jaxtune.eval.classification import classification_metrics
+    from jaxtune.eval.classification import classification_metrics, predict
 
     clf = jaxtune.from_pretrained(run)
     saved = load_config(run / "config.yaml")
@@ -247,7 +246,7 @@ def test_head_and_format_must_agree(root, cls_data):
 def test_classifier_backbone_follows_the_model_section(root, cls_data):
     # model.quantize / attention / compute_dtype reach a classifier's backbone too.
     from jaxtune import quant
-    from jaxtune.classify import build_classifier
+    from jaxtune.loading import build_classifier
 
     model = f"{{path: {root / 'model'}, quantize: nf4, attention: xla, compute_dtype: bfloat16}}"
     cfg = _cls_cfg(root, cls_data, "cls_q", steps=2, model=model)

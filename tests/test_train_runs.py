@@ -160,7 +160,7 @@ ONE_DEVICE_LOGITS = textwrap.dedent(
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     import numpy as np, jax, jaxtune
-    from jaxtune.api import numpy_logits
+    from jaxtune.verify import numpy_logits
     assert jax.device_count() == 1
     model = jaxtune.from_pretrained(sys.argv[1])
     ids = (np.arange(24, dtype=np.int32).reshape(2, 12) * 5) % 16
@@ -172,11 +172,11 @@ ONE_DEVICE_LOGITS = textwrap.dedent(
 def test_run_saved_on_8_devices_restores_on_1(ref):
     from flax import nnx
 
-    from jaxtune.api import numpy_logits
     from jaxtune.checkpoint import Checkpointer
+    from jaxtune.loading import build_model
     from jaxtune.peft.trainable import trainable_filter
     from jaxtune.sharding import make_mesh
-    from jaxtune.train.loop import build_model
+    from jaxtune.verify import numpy_logits
 
     out = ref.root / "logits_1dev.npy"
     res = subprocess.run(

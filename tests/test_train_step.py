@@ -133,7 +133,7 @@ def fsdp_full():
         state_shardings(frozen, mesh),
         mesh,
     )
-    from jaxtune.train.loop import device_batch
+    from jaxtune.sharding import device_batch
 
     batch = device_batch(_batch(np.random.default_rng(0), 8, 16, 64, [16] * 8), mesh)
     return types.SimpleNamespace(
@@ -258,8 +258,8 @@ def test_hardware_tables():
 def test_chunked_cross_entropy_equals_whole_logits(tied, chunk):
     """Loss and gradients with the vocab logits made chunk by chunk (remat'd) equal the
     one-piece loss; 5 does not divide T=16, so the zero-weight padding is exercised."""
+    from jaxtune.models.losses import loss_chunk_for, token_loss_sums
     from jaxtune.peft import apply_peft
-    from jaxtune.train.step import loss_chunk_for, token_loss_sums
 
     cfg = LlamaConfig.tiny(vocab_size=96, num_layers=1, tie_word_embeddings=tied)
     model = init_model(cfg, jnp.float32, seed=0)

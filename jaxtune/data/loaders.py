@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxtune.errors import DataError
+from jaxtune.resources import resolve_path
 
 TEXT_BLOCK_CHARS = 1 << 16
 _SUFFIXES = {
@@ -114,7 +115,6 @@ def resolve_paths(spec: str, what: str = "data file") -> list[Path]:
     Returns:
       Sorted list of paths (a saved dataset directory is returned as one path).
     """
-    from jaxtune.resources import resolve_path
 
     spec = str(resolve_path(spec))  # pkg:NAME/... -> a path inside an installed package
     path = Path(os.path.expanduser(spec))

@@ -19,6 +19,8 @@ acc_norm), ``tasks`` (ARC, HellaSwag, MMLU, BoolQ, JSONL), ``perplexity``,
 
 from __future__ import annotations
 
+import importlib
+
 _API = {
     "run_tasks": "jaxtune.eval.runner",
     "evaluate_loss": "jaxtune.eval.perplexity",
@@ -42,7 +44,5 @@ __all__ = list(_API)
 
 def __getattr__(name: str):
     if name in _API:
-        import importlib
-
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'jaxtune.eval' has no attribute {name!r}")

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from jaxtune.data import BatchIterator
 from jaxtune.errors import DataError
 
 
@@ -87,3 +91,55 @@ def classification_report(
     for name, row, f1 in zip(names, m["confusion"], m["per_class_f1"], strict=True):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + f" | {f1:.3f} |")
     return m, "\n".join(lines) + "\n"
+
+
+@nnx.jit
+def _logits(clf, ids, mask):
+    return clf(ids, mask)
+
+
+def predict(
+    clf, dataset, batch_size: int = 32, max_batches: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(logits float32 [N, K], gold labels int [N]) over a split, in dataset order.
+
+    The one prediction loop of sequence classifiers (training's held-out metrics, its
+    final report, ``jaxtune eval`` and the method comparison all use it). ``max_batches``
+    caps the batches (``train.max_eval_batches``); None = the whole split.
+    """
+    it = BatchIterator(dataset, batch_size, shuffle=False, drop_remainder=False, num_epochs=1)
+    logits, gold = [], []
+    for i, batch in enumerate(it):
+        if max_batches and i >= max_batches:
+            break
+        keep = batch["labels"] >= 0
+        out = np.asarray(_logits(clf, batch["input_ids"], batch["attention_mask"]))
+        logits.append(out[keep])
+        gold.append(batch["labels"][keep])
+    return np.concatenate(logits), np.concatenate(gold)
+
+
+def classifier_metrics(clf, dataset, batch_size: int, max_batches: int | None = None) -> dict:
+    """Held-out loss, accuracy and macro-F1 of a sequence classifier.
+
+    Args:
+      clf: the classifier (``logits [B, K] = clf(ids [B, T], mask [B, T])``).
+      dataset: a classification ``TokenizedDataset`` (``labels`` int [N]).
+      batch_size: rows per forward pass.
+      max_batches: cap on batches (``train.max_eval_batches``); None = the whole split.
+
+    Returns:
+      ``{"eval/loss", "eval/accuracy", "eval/macro_f1", "eval/n"}`` plus, under
+      ``"confusion"``, the [K, K] confusion matrix (rows = gold).
+    """
+    logits, gold = predict(clf, dataset, batch_size, max_batches)
+    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+    loss = float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(gold)[:, None], axis=-1)))
+    m = classification_metrics(logits.argmax(-1), gold, logits.shape[-1])
+    return {
+        "eval/loss": loss,
+        "eval/accuracy": float(m["accuracy"]),
+        "eval/macro_f1": float(m["macro_f1"]),
+        "eval/n": int(m["n"]),
+        "confusion": m["confusion"],
+    }

@@ -105,7 +105,7 @@ def _plan(args) -> dict:
     plan["max_new_tokens"] = args.max_new_tokens
     plan["seq_len"] = args.seq_len or 512
     if cfg is not None:
-        from jaxtune.api import model_kind, run_has_checkpoint
+        from jaxtune.loading import model_kind, run_has_checkpoint
         from jaxtune.resources import resolve_path
 
         run_dir = Path(cfg.run.dir)
@@ -155,9 +155,9 @@ def _eval_data(args, plan, tokenizer):
 
 
 def _evaluate(path: str, args, plan, names: list[str], say) -> dict:
-    from jaxtune.api import from_pretrained, load_tokenizer
     from jaxtune.eval.generate import SamplingConfig
     from jaxtune.eval.runner import run_tasks
+    from jaxtune.loading import from_pretrained, load_tokenizer
 
     t0 = time.perf_counter()
     model = from_pretrained(path, dtype=args.dtype)
@@ -202,9 +202,9 @@ def run(args) -> int:
 
     for name in ("--limit", "--batch-size", "--max-len", "--max-new-tokens", "--seq-len"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
-    from jaxtune.api import DTYPES
     from jaxtune.errors import ConfigError
     from jaxtune.eval.generate import SamplingConfig
+    from jaxtune.models import DTYPES
 
     SamplingConfig(args.max_new_tokens or 64, args.temperature, args.top_k, args.top_p).check()
     if args.dtype not in DTYPES:

@@ -280,8 +280,6 @@ def render_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None)
     """
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            from jaxtune.errors import ConfigError
-
             raise ConfigError("--chat given, but the tokenizer has no chat template")
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}

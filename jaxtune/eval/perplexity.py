@@ -18,14 +18,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune.train.step import token_loss_sums
+from jaxtune.data import BatchIterator, build_datasets
+from jaxtune.errors import DataError
+from jaxtune.models.losses import token_loss_sums
+from jaxtune.sharding import device_batch
 
 BATCH_KEYS = ("input_ids", "targets", "loss_weights", "attention_mask", "positions", "segment_ids")
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
-def _loss_sums(graphdef, state, batch):
-    return token_loss_sums(nnx.merge(graphdef, state), batch, None)
+@partial(jax.jit, static_argnames=("graphdef", "chunk"))
+def _loss_sums(graphdef, state, batch, chunk=None):
+    return token_loss_sums(nnx.merge(graphdef, state), batch, None, chunk=chunk)
 
 
 def evaluate_loss(
@@ -35,8 +38,12 @@ def evaluate_loss(
     batch_size: int = 8,
     mesh=None,
     max_batches: int | None = None,
+    loss_chunk: int | None = None,
 ) -> dict:
     """Token-weighted loss and perplexity of a model on a tokenized split.
+
+    The one held-out loss: ``jaxtune eval``'s ``perplexity`` task and the trainer's
+    validation loss (``eval/loss``) both call it.
 
     Args:
       model: the model (when ``mesh`` is given, already placed on it, e.g. with
@@ -46,12 +53,12 @@ def evaluate_loss(
       mesh: optional ``(data, fsdp, tensor)`` mesh: batches are sharded over its
         ``data`` and ``fsdp`` axes as in training; None runs on the default device.
       max_batches: stop after this many batches (None = the whole split).
+      loss_chunk: cross-entropy chunking (``model.loss_chunk``; see ``token_loss_sums``).
 
     Returns:
       ``{"loss", "perplexity", "tokens", "batches", "seconds"}``; loss in nats per
       trained token.
     """
-    from jaxtune.data import BatchIterator
 
     it = BatchIterator(
         dataset,
@@ -71,12 +78,10 @@ def evaluate_loss(
             break
         batch = {k: batch[k] for k in BATCH_KEYS}
         if mesh is not None:
-            from jaxtune.train.loop import device_batch
-
             arrays = device_batch(batch, mesh)
         else:
             arrays = {k: jnp.asarray(v) for k, v in batch.items()}
-        s, w = _loss_sums(graphdef, state, arrays)
+        s, w = _loss_sums(graphdef, state, arrays, loss_chunk)
         # Sums in float64 on the host: exact accumulation across many batches.
         total += float(s)
         weight += float(w)
@@ -116,8 +121,6 @@ def perplexity_of_data(
     Raises:
       DataError: the split has no data, or its rows are malformed.
     """
-    from jaxtune.data import build_datasets
-    from jaxtune.errors import DataError
 
     datasets = build_datasets(data_cfg, tokenizer, seq_len, splits=(split,))
     if split not in datasets:

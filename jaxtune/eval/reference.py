@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtune.resources import resolve_path
+
 
 def load_torch_model(path: str | Path):
     """``AutoModelForCausalLM`` in float32, eval mode: an HF dir or a ``.gguf`` file."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from jaxtune.resources import resolve_path
 
     path = resolve_path(path)
     if path.suffix == ".gguf":

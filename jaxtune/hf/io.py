@@ -23,6 +23,7 @@ from jaxtune.errors import ConfigError, ModelLoadError
 from jaxtune.hf import safetensors_io as st
 from jaxtune.hf.keymap import keymap_for, path_str
 from jaxtune.models import (
+    FAMILIES,
     abstract_model,
     family_for_model_type,
     family_of_config,
@@ -65,7 +66,6 @@ def read_hf_config(model_dir: Path):
 
 def supported_model_types() -> list[str]:
     """HF ``model_type`` values of every registered family (for error messages)."""
-    from jaxtune.models import FAMILIES
 
     return sorted(t for fam in FAMILIES.values() for t in fam.model_types)
 

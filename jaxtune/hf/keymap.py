@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jaxtune.models import family_of_config
+
 Path = tuple  # a flat-state path such as ("layers", "attn", "q_proj", "kernel")
 
 
@@ -92,7 +94,6 @@ def path_str(path: Path) -> str:
 def keymap_for(cfg) -> KeyMap:
     """The key table for ``cfg``: the family module's ``keymap_for(cfg)`` when it has one
     (one family, several HF naming schemes: BERT / DistilBERT), else its ``KEYMAP``."""
-    from jaxtune.models import family_of_config
 
     hf = family_of_config(cfg).hf_module()
     pick = getattr(hf, "keymap_for", None)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune.errors import ModelLoadError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -136,3 +138,14 @@ def param_count(model_or_state, variable_type=nnx.Param) -> int:
         else model_or_state
     )
     return int(sum(x.size for x in jax.tree.leaves(state)))
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype

@@ -259,27 +259,3 @@ class SequenceClassifier(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, *, rng=None, **_) -> jax.Array:
         """int [B, T] (+ mask [B, T]) -> float32 logits [B, K]."""
         return self.head(self.features(input_ids, attention_mask, rng=rng))
-
-
-def classifier_filter(clf: SequenceClassifier, peft_cfg):
-    """The trainable filter of a classifier: its head, plus the backbone's method filter.
-
-    The new head is trained by every method. ``feature`` trains only the head, plus
-    ``peft.unfreeze`` / ``peft.unfreeze_top_layers`` (top-N-layer fine-tuning); other
-    methods add :func:`jaxtune.peft.trainable_filter` of the backbone (call
-    ``apply_peft(clf.backbone, ...)`` first). An unused LM head never trains.
-    """
-    from jaxtune.peft.trainable import TrainableFilter, trainable_filter
-
-    parts = [("head", lambda p, v: p[0] == "head")]
-    if peft_cfg.method != "feature" or peft_cfg.unfreeze or peft_cfg.unfreeze_top_layers:
-        inner = trainable_filter(clf.backbone, peft_cfg)
-        parts.append(
-            (
-                f"backbone:{inner!r}",
-                lambda p, v: (
-                    len(p) > 1 and p[0] == "backbone" and p[1] != "lm_head" and inner(p[1:], v)
-                ),
-            )
-        )
-    return TrainableFilter(parts)

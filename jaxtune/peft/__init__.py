@@ -33,15 +33,11 @@ __all__ = [
     "add_adapters",
     "add_lora",
     "apply_peft",
-    "export_adapter",
-    "export_merged",
     "has_adapters",
     "has_lora",
-    "load_peft_adapter",
     "lora_linears",
     "merge",
     "merged_copy",
-    "save_peft_adapter",
     "select_targets",
     "summary",
     "trainable_filter",
@@ -67,12 +63,3 @@ def merged_copy(model: nnx.Module) -> nnx.Module:
     if not has_lora(model):
         return model
     return merge(model)
-
-
-def __getattr__(name):
-    # Exports pull in jaxtune.hf; import them lazily to keep `import jaxtune.peft` light.
-    if name in ("export_adapter", "export_merged", "load_peft_adapter", "save_peft_adapter"):
-        from jaxtune.peft import export
-
-        return getattr(export, name)
-    raise AttributeError(name)

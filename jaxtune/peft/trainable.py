@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import ConfigError
+from jaxtune.models import family_of_config
 from jaxtune.peft.adapters import AdapterParam, add_adapters
 from jaxtune.peft.lora import add_lora, check_hparams, normalize_targets, path_str
 from jaxtune.quant import quant_format, quantize_model, quantized_stats
@@ -211,8 +212,6 @@ def abstract_peft_model(cfg, peft_cfg, dtype=jnp.float32, quantize=None) -> nnx.
 
     ``quantize`` (``int8`` / ``nf4``) gives the quantized base kernels' shapes and dtypes.
     """
-    from jaxtune.models import family_of_config
-
     cls = family_of_config(cfg).model_class()
 
     def build():
@@ -250,3 +249,25 @@ def summary(model: nnx.Module, filt) -> dict:
         "by_type": by_type,
         "text": f"trainable params: {n_train:,} / {n_total:,} ({pct:.4f}%)",
     }
+
+
+def classifier_filter(clf, peft_cfg):
+    """The trainable filter of a classifier: its head, plus the backbone's method filter.
+
+    The new head is trained by every method. ``feature`` trains only the head, plus
+    ``peft.unfreeze`` / ``peft.unfreeze_top_layers`` (top-N-layer fine-tuning); other
+    methods add :func:`jaxtune.peft.trainable_filter` of the backbone (call
+    ``apply_peft(clf.backbone, ...)`` first). An unused LM head never trains.
+    """
+    parts = [("head", lambda p, v: p[0] == "head")]
+    if peft_cfg.method != "feature" or peft_cfg.unfreeze or peft_cfg.unfreeze_top_layers:
+        inner = trainable_filter(clf.backbone, peft_cfg)
+        parts.append(
+            (
+                f"backbone:{inner!r}",
+                lambda p, v: (
+                    len(p) > 1 and p[0] == "backbone" and p[1] != "lm_head" and inner(p[1:], v)
+                ),
+            )
+        )
+    return TrainableFilter(parts)

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import os
 
+import jax
+
+from jaxtune.errors import ConfigError
+
 ENV = {
     "coordinator": "JAXTUNE_COORDINATOR",
     "num_processes": "JAXTUNE_NUM_PROCESSES",
@@ -69,9 +73,6 @@ def initialize(
     Raises:
       ConfigError: only some of the three explicit settings are given, or bad values.
     """
-    import jax
-
-    from jaxtune.errors import ConfigError
 
     env = os.environ if environ is None else environ
     coordinator = coordinator or env.get(ENV["coordinator"]) or None

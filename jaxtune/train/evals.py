@@ -8,23 +8,21 @@
   logged as ``tasks/<task>/<metric>`` (so ``checkpoint.best_metric`` and early stopping
   can watch them) and written to ``run_dir/eval/``: one JSON per evaluated step and a
   before/after ``eval_report.md``.
-- :func:`classifier_metrics`: loss, accuracy and macro-F1 of a classification run on a
-  held-out split (``eval/loss``, ``eval/accuracy``, ``eval/macro_f1``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from functools import partial
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxtune.errors import ConfigError
+from jaxtune.eval.generate import SamplingConfig
+from jaxtune.eval.report import write_report
+from jaxtune.eval.runner import default_max_len, load_tasks, parse_tasks, score_tasks
 
 # Metrics for which a lower value is better; every other watched metric is maximised.
 _LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error", "rate", "repetition")
@@ -70,7 +68,6 @@ class TaskEvals:
     """
 
     def __init__(self, cfg, tokenizer, datasets: dict, graphdef, run_dir: Path, total_steps: int):
-        from jaxtune.eval.runner import load_tasks, parse_tasks
 
         self.cfg, self.tokenizer, self.graphdef = cfg, tokenizer, graphdef
         self.names = parse_tasks(cfg.eval.tasks) if cfg.eval.tasks else []
@@ -109,8 +106,6 @@ class TaskEvals:
 
     def run(self, step: int, params, frozen, log=print) -> dict[str, float]:
         """Scores every task on the current weights; returns flat ``tasks/...`` metrics."""
-        from jaxtune.eval.generate import SamplingConfig
-        from jaxtune.eval.runner import default_max_len, score_tasks
 
         model = nnx.merge(self.graphdef, params, frozen)
         cfg = self.cfg
@@ -134,7 +129,6 @@ class TaskEvals:
 
     def write_report(self, step: int) -> dict | None:
         """``eval/eval_report.{json,md}``: the last evaluation, beside step 0 if there is one."""
-        from jaxtune.eval.report import write_report
 
         last = self.dir / f"step_{step}.json"
         if not self.loaded or not last.exists() or jax.process_index() != 0:
@@ -150,52 +144,3 @@ class TaskEvals:
             "limit": self.cfg.eval.max_items,
         }
         return write_report(self.dir, json.loads(last.read_text()), base=base, meta=meta)
-
-
-# ------------------------------------------------------------------ classification
-
-
-@partial(jax.jit, static_argnums=0)  # graphdef is hashable: one compile per shape, per run
-def _classifier_logits(graphdef, params, frozen, ids, mask):
-    return nnx.merge(graphdef, params, frozen)(ids, mask)
-
-
-def classifier_metrics(graphdef, params, frozen, dataset, batch_size: int, max_batches=None):
-    """Held-out loss, accuracy and macro-F1 of a sequence classifier.
-
-    Args:
-      graphdef / params / frozen: the split classifier.
-      dataset: a classification ``TokenizedDataset`` (``labels`` int [N]).
-      batch_size: rows per forward pass.
-      max_batches: cap on batches (``train.max_eval_batches``); None = the whole split.
-
-    Returns:
-      ``{"eval/loss", "eval/accuracy", "eval/macro_f1", "eval/n"}`` plus, under
-      ``"confusion"``, the [K, K] confusion matrix (rows = gold).
-    """
-    from jaxtune.data import BatchIterator
-    from jaxtune.eval.classification import classification_metrics
-
-    it = BatchIterator(dataset, batch_size, shuffle=False, drop_remainder=False, num_epochs=1)
-    logits, gold = [], []
-    for i, batch in enumerate(it):
-        if max_batches and i >= max_batches:
-            break
-        keep = batch["labels"] >= 0
-        out = _classifier_logits(
-            graphdef, params, frozen, batch["input_ids"], batch["attention_mask"]
-        )
-        out = np.asarray(out)
-        logits.append(out[keep])
-        gold.append(batch["labels"][keep])
-    logits_np, gold_np = np.concatenate(logits), np.concatenate(gold)
-    logp = jax.nn.log_softmax(jnp.asarray(logits_np, jnp.float32), axis=-1)
-    loss = float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(gold_np)[:, None], axis=-1)))
-    m = classification_metrics(logits_np.argmax(-1), gold_np, logits_np.shape[-1])
-    return {
-        "eval/loss": loss,
-        "eval/accuracy": float(m["accuracy"]),
-        "eval/macro_f1": float(m["macro_f1"]),
-        "eval/n": int(m["n"]),
-        "confusion": m["confusion"],
-    }

@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 from tqdm.auto import tqdm
 
+from jaxtune.config import config_to_dict
 from jaxtune.train.hardware import flops_per_token, mfu
 
 
@@ -198,7 +199,6 @@ def _start_wandb(cfg, run_dir: Path, warn):
     except ImportError:
         warn("logging.wandb is true but the wandb package is not installed (pip install wandb)")
         return None
-    from jaxtune.config import config_to_dict
 
     id_file = run_dir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.exists() else None

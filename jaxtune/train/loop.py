@@ -29,20 +29,24 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune.checkpoint import Checkpointer, scan_layers_for
+from jaxtune.atomic import atomic_file
+from jaxtune.checkpoint import Checkpointer
 from jaxtune.config import Config, save_config, validate_against_devices
+from jaxtune.data import BatchIterator, build_datasets
 from jaxtune.errors import ConfigError, TrainingError
-from jaxtune.sharding import batch_sharding, make_mesh, state_shardings, variable_sharding
-from jaxtune.train.classification import check_labels, keep_labels
+from jaxtune.loading import load_tokenizer
+from jaxtune.optim import lr_schedule
+from jaxtune.sharding import device_batch, make_mesh
+from jaxtune.train.evals import TaskEvals, improved
 from jaxtune.train.logger import MetricsLogger
 from jaxtune.train.preflight import check_positions
 from jaxtune.train.run_dir import check_resume, plan_start, writing
-from jaxtune.train.state import init_opt_state, jit_train_step, make_state, train_state_shardings
-from jaxtune.train.step import make_eval_step, stack_micro_batches
+from jaxtune.train.state import make_state, setup_step
+from jaxtune.train.step import stack_micro_batches
+from jaxtune.train.tasks import task_for
 
 
 def _sync(name: str) -> None:
@@ -53,37 +57,21 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _commit(plan, cfg: Config, labels: dict | None = None) -> None:
-    """Process 0 clears (overwrite) / creates the run dir, its marker and config.yaml
-    (and a classifier's labels.json)."""
-    if labels is not None and plan.mode != "overwrite":
-        check_labels(plan.path, labels)
+def _commit(plan, cfg: Config, run_files: dict[str, str]) -> None:
+    """Process 0 clears (overwrite) / creates the run dir, its marker and config.yaml,
+    and writes the task's run files (e.g. a classifier's ``labels.json``; one already
+    there was checked against them by ``Task.prepare``)."""
     _sync("jaxtune_run_dir_checked")
     if jax.process_index() == 0:
 
-        def write(path: Path) -> None:
-            save_config(cfg, path)
-            if labels is not None:
-                keep_labels(plan.path, labels)
+        def write(config_path: Path) -> None:
+            save_config(cfg, config_path)
+            for name, text in run_files.items():
+                if not (plan.path / name).exists():
+                    atomic_file(plan.path / name, text)
 
         plan.commit(write)
     _sync("jaxtune_run_dir_cleared")
-
-
-def device_batch(batch: dict, mesh, leading: int = 0, labels: bool = False) -> dict:
-    """Host-local numpy batch -> global jax arrays sharded over (data, fsdp).
-
-    Each host passes only its own rows; ``make_array_from_process_local_data``
-    assembles the global batch without any host seeing the others' data. ``labels``
-    (int [B], classification) are kept only when asked for.
-    """
-    out = {}
-    for k, v in batch.items():
-        if k == "labels" and not labels:
-            continue
-        sharding = batch_sharding(mesh, v.ndim, leading)
-        out[k] = jax.make_array_from_process_local_data(sharding, v)
-    return out
 
 
 class _Preempt:
@@ -123,77 +111,11 @@ class _Preempt:
             signal.signal(s, h)
 
 
-def build_model(cfg: Config, mesh, labels: dict | None = None):
-    """Base model loaded into its shards, plus PEFT modules, placed on the mesh.
-
-    With ``peft.head: classification`` the model is a
-    :class:`~jaxtune.models.heads.SequenceClassifier` over the backbone; ``labels`` is
-    then ``{"num_labels": K, "label_names": [...]}``.
-    """
-    from jaxtune.api import from_pretrained
-    from jaxtune.peft.trainable import apply_peft
-    from jaxtune.sharding import shard_model
-
-    if not cfg.model.path:
-        raise ConfigError(
-            "model.path is required (an HF dir, a .gguf file or a jaxtune checkpoint)"
-        )
-    if cfg.peft.head == "classification":
-        from jaxtune.classify import build_classifier
-
-        names = labels.get("label_names")
-        clf = build_classifier(cfg, labels["num_labels"], tuple(names) if names else None)
-        return shard_model(clf, mesh)
-    model = from_pretrained(
-        cfg.model.path,
-        dtype=cfg.model.dtype,
-        scan_layers=scan_layers_for(cfg),
-        remat=cfg.model.remat,
-        attention_impl=cfg.model.attention,
-        mlp_chunks=cfg.model.mlp_chunks,
-        sharding=variable_sharding(mesh),
-        quantize=cfg.model.quantize,
-    )
-    if cfg.model.compute_dtype:
-        model.compute_dtype = jnp.dtype(cfg.model.compute_dtype)
-    apply_peft(model, cfg.peft, rngs=nnx.Rngs(cfg.train.seed))
-    return shard_model(model, mesh)
-
-
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     """Optimizer steps of the run: ``train.steps``, or ``train.epochs`` worth of batches."""
     if cfg.train.steps:
         return int(cfg.train.steps)
     return max(1, math.ceil(cfg.train.epochs * steps_per_epoch / cfg.train.grad_accum))
-
-
-def evaluate_loss(eval_fn, params, frozen, dataset, cfg: Config, mesh) -> dict:
-    """Token-weighted validation loss and perplexity over (up to max_eval_batches) batches."""
-    from jaxtune.data import BatchIterator
-
-    it = BatchIterator(
-        dataset,
-        cfg.train.batch_size,
-        seed=0,
-        shuffle=False,
-        drop_remainder=False,
-        num_epochs=1,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    total, weight = 0.0, 0.0
-    for i, batch in enumerate(it):
-        if cfg.train.max_eval_batches and i >= cfg.train.max_eval_batches:
-            break
-        s, w = eval_fn(params, frozen, device_batch(batch, mesh))
-        total += float(s)
-        weight += float(w)
-    loss = total / max(weight, 1.0)
-    return {
-        "eval/loss": loss,
-        "eval/perplexity": float(math.exp(min(loss, 50.0))),
-        "eval/tokens": weight,
-    }
 
 
 def _nonfinite_message(row: dict, last_saved: int | None, ckpt: Checkpointer) -> str:
@@ -209,11 +131,14 @@ def _nonfinite_message(row: dict, last_saved: int | None, ckpt: Checkpointer) ->
     )
 
 
-def train(cfg: Config, *, stop_after: int | None = None) -> dict:
-    """Runs (or resumes) a fine-tuning run; returns a summary dict.
+def train(cfg: Config, *, stop_after: int | None = None, init_model=None) -> dict:
+    """Runs (or resumes) a fine-tuning run of the config's task; returns a summary dict.
 
     ``stop_after`` ends this invocation after that global step with a checkpoint, as a
     preemption would (time-boxed jobs; resume tests). The schedule still spans all steps.
+    ``init_model(model)``: called once on the freshly built model before training (e.g.
+    a classifier head fitted on cached features, LP-FT); a resumed run restores its
+    trained parameters over it.
 
     Returns:
       ``{"run_dir", "steps", "stop_reason", "final_loss", "eval", "seconds",
@@ -223,32 +148,18 @@ def train(cfg: Config, *, stop_after: int | None = None) -> dict:
     Raises:
       ConfigError: the mesh or batch does not fit the devices, ``train.seq_len`` exceeds
         the model's positions, the run dir is not jaxtune's (or is a file, or read-only),
-        or a resumed run's saved settings differ (see :mod:`jaxtune.train.run_dir`).
+        a resumed run's saved settings differ (see :mod:`jaxtune.train.run_dir`), or
+        ``train.objective`` names no registered task.
       DataError / ModelLoadError: bad data or model; run.dir is left as it was.
       TrainingError: the loss, gradients or weights became non-finite.
       DiskFullError: the disk filled up (a checkpoint's temporary directory is removed).
     """
     # From the start: a signal during setup exits cleanly too.
     with _Preempt() as pre, writing(cfg.run.dir):
-        return _train(cfg, pre, stop_after)
+        return _train(cfg, pre, stop_after, init_model)
 
 
-def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
-    from jaxtune.api import load_tokenizer
-    from jaxtune.data import BatchIterator, build_datasets
-    from jaxtune.models.heads import classifier_filter
-    from jaxtune.optim import build_optimizer, lr_schedule
-    from jaxtune.peft.trainable import summary, trainable_filter
-    from jaxtune.train.classification import (
-        feature_only,
-        final_classifier_report,
-        label_info,
-        run_feature_head,
-    )
-    from jaxtune.train.evals import TaskEvals, classifier_metrics, improved
-    from jaxtune.train.step import loss_sums_for
-
-    t_start = time.perf_counter()
+def _mesh(cfg: Config):
     data_n, fsdp_n, tensor_n = validate_against_devices(
         cfg, jax.device_count(), jax.process_count()
     )
@@ -259,36 +170,47 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
             f"mesh data x fsdp = {data_n * fsdp_n} must be a multiple of the "
             f"{jax.process_count()} processes (mesh.tensor must fit within one host)"
         )
-    mesh = make_mesh(data_n, fsdp_n, tensor_n)
+    return make_mesh(data_n, fsdp_n, tensor_n)
+
+
+def _checkpointer(cfg: Config, run_dir: Path) -> Checkpointer:
+    c = cfg.checkpoint
+    return Checkpointer(
+        run_dir,
+        keep=c.keep,
+        keep_best=c.keep_best,
+        best_metric=c.best_metric,
+        best_mode=c.best_mode,
+        async_save=c.async_save,
+    )
+
+
+def _train(cfg: Config, pre: _Preempt, stop_after: int | None, init_model) -> dict:
+    t_start = time.perf_counter()
+    mesh = _mesh(cfg)
     # Everything a user can get wrong is checked before run.dir is touched (the
-    # directory, the saved settings of a resumed run, the model's positions, the data,
-    # the model, eval tasks, the checkpoint to restore): a start that fails leaves
-    # run.dir exactly as it was. ``_commit`` then creates / clears it and writes.
+    # directory, the saved settings of a resumed run, the model's positions, the task,
+    # the data, the model, eval tasks, the checkpoint to restore): a start that fails
+    # leaves run.dir exactly as it was. ``_commit`` then creates / clears it and writes.
     plan = plan_start(cfg)
     check_positions(cfg)
     check_resume(plan, cfg)
     run_dir = plan.path
+    task = task_for(cfg)
 
-    is_cls = cfg.peft.head == "classification"
-    if is_cls and feature_only(cfg):
-        return run_feature_head(
-            cfg, run_dir, t_start, commit=lambda labels: _commit(plan, cfg, labels)
-        )
+    def commit(run_files: dict[str, str]) -> None:
+        _commit(plan, cfg, run_files)
+
+    if task.fit_without_steps():
+        return task.fit(run_dir, commit, t_start)
     tokenizer = load_tokenizer(cfg.model.path)
     datasets = build_datasets(cfg.data, tokenizer, cfg.train.seq_len)
     if "train" not in datasets:
         raise ConfigError("data.train is required")
-    if is_cls:  # a run started over is not held to the labels it deletes
-        labels = label_info(cfg, datasets["train"], None if plan.mode == "overwrite" else run_dir)
-    else:
-        labels = None
-    model = build_model(cfg, mesh, labels)
-    filt = classifier_filter(model, cfg.peft) if is_cls else trainable_filter(model, cfg.peft)
-    info = summary(model, filt)
-    graphdef, params, frozen = nnx.split(model, filt, ...)
-    loss_sums = loss_sums_for(model, cfg.model.loss_chunk)
-    del model
-
+    task.prepare(datasets, None if plan.mode == "overwrite" else run_dir)
+    model = task.build_model(mesh)
+    if init_model is not None:
+        init_model(model)
     it = BatchIterator(
         datasets["train"],
         cfg.train.batch_size,
@@ -298,29 +220,19 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
         process_count=jax.process_count(),
     )
     n_steps = total_steps(cfg, it.steps_per_epoch)
-    tx = build_optimizer(cfg.optim, n_steps, params)
+    setup = setup_step(task, model, mesh, n_steps)
+    del model
+    graphdef, frozen = setup.graphdef, setup.frozen
     schedule = lr_schedule(cfg.optim, n_steps)
-    opt_state = init_opt_state(tx, params, mesh)
-    tasks = TaskEvals(cfg, tokenizer, datasets, graphdef, run_dir, n_steps)
-
-    def checkpointer() -> Checkpointer:
-        return Checkpointer(
-            run_dir,
-            keep=cfg.checkpoint.keep,
-            keep_best=cfg.checkpoint.keep_best,
-            best_metric=cfg.checkpoint.best_metric,
-            best_mode=cfg.checkpoint.best_mode,
-            async_save=cfg.checkpoint.async_save,
-        )
-
+    evals = TaskEvals(cfg, tokenizer, datasets, graphdef, run_dir, n_steps)
     ckpt, logger = None, None
     try:
-        start_step = 0
+        start_step, params, opt_state = 0, setup.params, setup.opt_state
         # Early stopping's memory travels in the checkpoint, so a resumed run stops
         # exactly where the uninterrupted one would.
         watch = {"best": None, "bad_evals": 0, "last_eval": None}
         if plan.resume:
-            ckpt = checkpointer()  # reads the existing checkpoints/; writes nothing
+            ckpt = _checkpointer(cfg, run_dir)  # reads the existing checkpoints/; writes nothing
             if ckpt.latest_step() is not None:
                 start_step = ckpt.latest_step()
                 # Restored straight into the live shardings: a run saved on another mesh
@@ -328,37 +240,20 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
                 params, opt_state, data_state, meta = ckpt.restore(start_step, params, opt_state)
                 it.restore(data_state)
                 watch.update(meta.get("watch", {}))
-        _commit(plan, cfg, labels)
+        commit(task.run_files())
         if ckpt is None:
-            ckpt = checkpointer()
+            ckpt = _checkpointer(cfg, run_dir)
         if jax.process_index() == 0:
-            print(info["text"])
+            print(setup.info["text"])
             if start_step:
                 print(f"resumed {run_dir} at step {start_step}")
         state = make_state(start_step, params, opt_state, cfg.train.seed, mesh)
-        del params, opt_state
-        step_fn = jit_train_step(
-            graphdef,
-            tx,
-            train_state_shardings(state["params"], state["opt_state"], mesh),
-            state_shardings(frozen, mesh),
-            mesh,
-            grad_accum=cfg.train.grad_accum,
-            dropout=cfg.peft.dropout > 0,
-            loss_sums=loss_sums,
-            batch_ndims={k: (1 if k == "labels" else 2) for k in _CLS_KEYS} if is_cls else None,
-        )
-        eval_fn = jax.jit(make_eval_step(graphdef, loss_chunk=cfg.model.loss_chunk))
+        step_fn, info = setup.step_fn, setup.info
+        del params, opt_state, setup
         val = datasets.get("validation")
 
-        def evaluate(params) -> dict:
-            if not is_cls:
-                return evaluate_loss(eval_fn, params, frozen, val, cfg, mesh)
-            m = classifier_metrics(
-                graphdef, params, frozen, val, cfg.train.batch_size, cfg.train.max_eval_batches
-            )
-            m.pop("confusion")
-            return m
+        def model_of(params) -> nnx.Module:
+            return nnx.merge(graphdef, params, frozen)
 
         logger = MetricsLogger(
             run_dir, cfg, n_steps, start_step, params=info, devices=list(mesh.devices.flat)
@@ -378,18 +273,16 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
         stop_reason = "completed"
         lead = 0 if cfg.train.grad_accum == 1 else 1
         watched = cfg.train.early_stopping_metric
-        if tasks.due(start_step) and start_step == 0:
-            tasks.run(0, state["params"], frozen)  # the "before" column of the report
+        if evals.due(start_step) and start_step == 0:
+            evals.run(0, state["params"], frozen)  # the "before" column of the report
         for step in range(start_step, n_steps):
             if pre.agreed():
                 stop_reason = f"stopped by {pre.signal}"
                 break
-            micro = [next(it) for _ in range(cfg.train.grad_accum)]
-            if is_cls:
-                micro = [{k: b[k] for k in _CLS_KEYS} for b in micro]
+            micro = [task.batch(next(it)) for _ in range(cfg.train.grad_accum)]
             batch = micro[0] if cfg.train.grad_accum == 1 else stack_micro_batches(micro)
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, frozen, device_batch(batch, mesh, lead, labels=is_cls))
+            state, metrics = step_fn(state, frozen, device_batch(batch, mesh, lead))
             metrics = jax.device_get(metrics)  # one host sync per step, all scalars at once
             row = {
                 "step": step + 1,
@@ -409,22 +302,12 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
             )
             evaluated = False
             if do_eval or (val is not None and step + 1 == n_steps):
-                ev = evaluate(state["params"])
+                ev = task.evaluate(model_of(state["params"]), val, mesh)
                 row.update(ev)
                 evaluated = True
-                last_eval = watch["last_eval"]
-                if (
-                    last_eval is not None
-                    and ev["eval/loss"] > last_eval[0]
-                    and row["loss"] < last_eval[1]
-                ):
-                    logger.warn(
-                        f"validation loss rose ({last_eval[0]:.4f} -> {ev['eval/loss']:.4f}) while "
-                        "training loss fell: the model may be overfitting"
-                    )
-                watch["last_eval"] = [float(ev["eval/loss"]), row["loss"]]
-            if tasks.due(step + 1):
-                row.update(tasks.run(step + 1, state["params"], frozen))
+                _watch_overfitting(watch, ev, row, logger)
+            if evals.due(step + 1):
+                row.update(evals.run(step + 1, state["params"], frozen))
                 evaluated = True
             metric = row.get(watched) if evaluated else None
             if metric is not None:
@@ -450,16 +333,11 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
         logger.close(stop_reason)
         if nonfinite:
             raise TrainingError(nonfinite)
-        report = tasks.write_report(final_step) if tasks else None
+        report = evals.write_report(final_step) if evals else None
         if report is not None:
             print(f"evaluation report: {report['md']}")
         final_eval = {k: v for k, v in logger.last.items() if k.startswith(("eval/", "tasks/"))}
-        if is_cls:
-            final_eval.update(
-                final_classifier_report(
-                    cfg, graphdef, state["params"], frozen, datasets, run_dir, final_step
-                )
-            )
+        final_eval.update(task.finish(model_of(state["params"]), datasets, run_dir, final_step))
         summary_out = {
             "run_dir": str(run_dir),
             "steps": final_step,
@@ -481,9 +359,16 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None) -> dict:
             logger.abort()
 
 
+def _watch_overfitting(watch: dict, ev: dict, row: dict, logger) -> None:
+    """Warns when the validation loss rises while the training loss falls."""
+    last_eval = watch["last_eval"]
+    if last_eval is not None and ev["eval/loss"] > last_eval[0] and row["loss"] < last_eval[1]:
+        logger.warn(
+            f"validation loss rose ({last_eval[0]:.4f} -> {ev['eval/loss']:.4f}) while "
+            "training loss fell: the model may be overfitting"
+        )
+    watch["last_eval"] = [float(ev["eval/loss"]), row["loss"]]
+
+
 def _ev(row: dict) -> dict:
     return {k: v for k, v in row.items() if k.startswith(("eval/", "tasks/"))}
-
-
-# The keys a classifier's batch needs (the iterator also yields LM targets).
-_CLS_KEYS = ("input_ids", "attention_mask", "labels")

@@ -17,6 +17,7 @@ gradients, collectives' buffers) and code; the total is checked against the chip
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,9 +26,27 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxtune.checkpoint import MARKER
 from jaxtune.config import Config, validate_against_devices
 from jaxtune.errors import ConfigError, JaxtuneError
-from jaxtune.train.hardware import TOPOLOGY_CHIPS, GiB, chip_for, hbm_bytes_per_device, peak_flops
+from jaxtune.gguf import load as gguf
+from jaxtune.hf.io import read_hf_config
+from jaxtune.loading import model_kind, run_model_source, scan_layers_for
+from jaxtune.models import FAMILIES, config_from_dict, family_for_model_type
+from jaxtune.quant import quantized_stats
+from jaxtune.resources import resolve_path
+from jaxtune.sharding import make_mesh
+from jaxtune.train.hardware import (
+    TOPOLOGY_CHIPS,
+    GiB,
+    chip_for,
+    flops_per_token,
+    hbm_bytes_per_device,
+    peak_flops,
+)
+from jaxtune.train.measure import measure_steps
+from jaxtune.train.state import abstract_state, setup_step
+from jaxtune.train.tasks import task_for
 
 _ADVICE = (
     "Try a smaller train.batch_size (with train.grad_accum), model.remat=full (or offload: "
@@ -189,7 +208,6 @@ def local_devices(n: int) -> list:
 
 def presets() -> dict:
     """``{name: config factory}`` of the architecture presets of every LM family."""
-    from jaxtune.models import FAMILIES
 
     out = {}
     for fam in FAMILIES.values():
@@ -209,7 +227,6 @@ def model_config(cfg: Config, preset: str | None = None):
     An existing ``model.path`` wins over ``model.preset`` (which names the architecture
     of weights not downloaded yet); ``--preset`` wins over both.
     """
-    from jaxtune.resources import resolve_path
 
     name = preset
     path = resolve_path(cfg.model.path) if cfg.model.path else None
@@ -227,7 +244,6 @@ def model_config(cfg: Config, preset: str | None = None):
         if name not in table:
             raise ConfigError(f"model.preset {name!r}: expected one of {', '.join(sorted(table))}")
         model_cfg = table[name]()
-    from jaxtune.checkpoint import scan_layers_for
 
     opts = {"scan_layers": scan_layers_for(cfg), "remat": cfg.model.remat}
     if hasattr(model_cfg, "attention_impl"):
@@ -238,28 +254,16 @@ def model_config(cfg: Config, preset: str | None = None):
 
 
 def _config_from_path(path: Path):
-    from jaxtune.api import MARKER, model_kind
 
     kind = model_kind(path)
     if kind == "hf":
-        from jaxtune.hf.io import read_hf_config
-
         return read_hf_config(path)[1]
     if kind == "gguf":
-        from jaxtune.hf import gguf
-        from jaxtune.models import family_for_model_type
-
         meta = gguf.read_gguf_config(path)
         fam = family_for_model_type(meta.get("model_type"))
         return fam.hf_module().config_from_hf(meta, str(path))
     if kind == "jaxtune":
-        import json
-
-        from jaxtune.models import config_from_dict
-
         return config_from_dict(json.loads((path / MARKER).read_text())["model_config"])
-    from jaxtune.checkpoint import run_model_source
-    from jaxtune.resources import resolve_path
 
     return _config_from_path(resolve_path(run_model_source(path)))
 
@@ -292,46 +296,22 @@ def plan(
     Raises:
       ConfigError: the mesh or batch does not fit the devices, or no architecture.
     """
-    from flax import nnx
-
-    from jaxtune.optim import build_optimizer
-    from jaxtune.peft.trainable import abstract_peft_model, summary, trainable_filter
-    from jaxtune.sharding import make_mesh, state_shardings
-    from jaxtune.train.hardware import flops_per_token
-    from jaxtune.train.state import (
-        abstract_batch,
-        abstract_state,
-        jit_train_step,
-        train_state_shardings,
-    )
-    from jaxtune.train.step import loss_sums_for
 
     processes = len({d.process_index for d in devices})
     data, fsdp, tensor = validate_against_devices(cfg, len(devices), processes)
     mesh = make_mesh(data, fsdp, tensor, devices)
     model_cfg = model_config(cfg, preset)
-    model = abstract_peft_model(
-        model_cfg, cfg.peft, jnp.dtype(cfg.model.dtype), quantize=cfg.model.quantize
-    )
+    # The trainer's own task and setup: same model (a classifier's head included),
+    # trainable filter, optimizer, loss, shardings and donation.
+    task = task_for(cfg)
+    model = task.abstract_model(model_cfg)
     if cfg.model.compute_dtype:
         model.compute_dtype = jnp.dtype(cfg.model.compute_dtype)
-    filt = trainable_filter(model, cfg.peft)
-    info = summary(model, filt)
-    graphdef, params, frozen = nnx.split(model, filt, ...)
-    tx = build_optimizer(cfg.optim, int(cfg.train.steps or 1000), params)
-    opt_state = jax.eval_shape(tx.init, params)
-    step_fn = jit_train_step(
-        graphdef,
-        tx,
-        train_state_shardings(params, opt_state, mesh),
-        state_shardings(frozen, mesh),
-        mesh,
-        grad_accum=cfg.train.grad_accum,
-        dropout=cfg.peft.dropout > 0,
-        loss_sums=loss_sums_for(model, cfg.model.loss_chunk),
-    )
+    setup = setup_step(task, model, mesh, int(cfg.train.steps or 1000), abstract=True)
+    info, params, frozen, opt_state = setup.info, setup.params, setup.frozen, setup.opt_state
+    step_fn = setup.step_fn
     t = cfg.train
-    batch = abstract_batch(t.batch_size, t.seq_len, t.grad_accum)
+    batch = task.abstract_batch(t.batch_size, t.seq_len, t.grad_accum)
     lowered = step_fn.lower(abstract_state(params, opt_state), frozen, batch)
     try:
         compiled = lowered.compile()
@@ -373,8 +353,6 @@ def plan(
     if peak:
         out.step_time_at_peak = out.model_flops / peak
     if measure:
-        from jaxtune.train.measure import measure_steps
-
         args = (abstract_state(params, opt_state), frozen, batch)
         out.measured = measure_steps(
             compiled, args, steps=measure, vocab=model_cfg.vocab_size, devices=devices
@@ -382,8 +360,6 @@ def plan(
         if peak:
             out.measured["mfu"] = out.model_flops / len(devices) / peak / out.measured["step_s"]
     if cfg.model.quantize:
-        from jaxtune.quant import quantized_stats
-
         q = quantized_stats(model)
         out.notes.append(
             f"base kernels stored as {cfg.model.quantize}: {q['params']:,} weights in "

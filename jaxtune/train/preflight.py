@@ -7,9 +7,9 @@ range attention sees angles it never saw in pre-training.
 
 from __future__ import annotations
 
-from jaxtune.api import model_kind
 from jaxtune.config import Config
 from jaxtune.errors import ConfigError
+from jaxtune.loading import model_kind
 from jaxtune.resources import resolve_path
 from jaxtune.train.plan import model_config
 

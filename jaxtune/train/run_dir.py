@@ -28,7 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxtune import __version__
 from jaxtune.checkpoint import os_error_message
+from jaxtune.config import config_to_dict
 from jaxtune.errors import ConfigError, DiskFullError
 
 MARKER = ".jaxtune-run"
@@ -257,7 +259,6 @@ def write_marker(run_dir: Path) -> None:
     path = Path(run_dir) / MARKER
     if path.is_file():
         return
-    from jaxtune import __version__
 
     info = {"jaxtune_run": MARKER_VERSION, "created": time.time(), "jaxtune": __version__}
     path.write_text(json.dumps(info) + "\n")
@@ -350,8 +351,6 @@ def resume_changes(saved: dict, new: dict) -> list[tuple[str, object, object]]:
 def check_resume(plan: StartPlan, cfg) -> None:
     """ConfigError naming each setting that differs from the run's saved config.yaml."""
     import yaml
-
-    from jaxtune.config import config_to_dict
 
     path = plan.path / "config.yaml"
     if not plan.resume or not path.is_file():

@@ -10,16 +10,19 @@ leaves (ahead-of-time compilation for a pod that is not attached).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jax.sharding import Mesh
 
+from jaxtune.optim import build_optimizer
+from jaxtune.peft.trainable import summary
 from jaxtune.sharding import batch_sharding, replicated, state_shardings
 from jaxtune.train.step import make_train_step
-
-# Keys of a device batch (``labels`` only matters to classification heads).
-BATCH_KEYS = ("input_ids", "targets", "loss_weights", "attention_mask", "positions", "segment_ids")
 
 
 def train_state_shardings(params, opt_state, mesh: Mesh) -> dict:
@@ -65,16 +68,6 @@ def abstract_state(params, opt_state) -> dict:
     }
 
 
-def abstract_batch(batch_size: int, seq_len: int, grad_accum: int = 1) -> dict:
-    """``ShapeDtypeStruct`` batch of the longest shape a run can see ([A,] B, T)."""
-    lead = (grad_accum,) if grad_accum > 1 else ()
-    shape = (*lead, batch_size, seq_len)
-    return {
-        k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32)
-        for k in BATCH_KEYS
-    }
-
-
 def jit_train_step(
     graphdef,
     tx: optax.GradientTransformation,
@@ -84,14 +77,13 @@ def jit_train_step(
     *,
     grad_accum: int = 1,
     dropout: bool = False,
-    loss_sums=None,
-    batch_ndims: dict[str, int] | None = None,
+    loss_sums,
+    batch_ndims: dict[str, int],
 ):
     """``jit(train_step)`` with explicit in/out shardings and the state donated.
 
-    ``loss_sums`` defaults to next-token loss (see :func:`make_train_step`);
-    ``batch_ndims`` (``{key: ndim}`` of one micro-batch, e.g. ``labels``: 1) gives the
-    batch's keys when they are not all [B, T].
+    ``loss_sums``: the task's ``(model, micro_batch, rng) -> (loss sum, weight sum)``;
+    ``batch_ndims``: ``{key: ndim}`` of one micro-batch (e.g. ``labels``: 1).
 
     Explicit shardings make the compiled program independent of how the inputs happen
     to be placed (one compilation per batch shape, none per step) and let ``plan``
@@ -99,14 +91,62 @@ def jit_train_step(
     update parameters and optimizer state in place (no second copy in memory).
     """
     lead = 0 if grad_accum == 1 else 1
-    batch_sh = batch_sharding(mesh, 2 + lead, lead)
-    if batch_ndims is not None:
-        batch_sh = {k: batch_sharding(mesh, n + lead, lead) for k, n in batch_ndims.items()}
-    kw = {} if loss_sums is None else {"loss_sums": loss_sums}
-    fn = make_train_step(graphdef, tx, grad_accum=grad_accum, dropout=dropout, **kw)
+    batch_sh = {k: batch_sharding(mesh, n + lead, lead) for k, n in batch_ndims.items()}
+    fn = make_train_step(graphdef, tx, grad_accum=grad_accum, dropout=dropout, loss_sums=loss_sums)
     return jax.jit(
         fn,
         in_shardings=(state_sh, frozen_sh, batch_sh),
         out_shardings=(state_sh, replicated(mesh)),
         donate_argnums=(0,),
     )
+
+
+@dataclass
+class StepSetup:
+    """What :func:`setup_step` builds: the split model, optimizer, state and jitted step.
+
+    ``params`` / ``opt_state`` are live arrays on the mesh, or ``ShapeDtypeStruct``
+    leaves when set up for ``plan`` (``abstract=True``); ``info`` is
+    ``peft.trainable.summary`` of the model.
+    """
+
+    graphdef: Any
+    params: Any
+    frozen: Any
+    tx: optax.GradientTransformation
+    opt_state: Any
+    step_fn: Any
+    info: dict
+
+
+def setup_step(task, model, mesh: Mesh, n_steps: int, *, abstract: bool = False) -> StepSetup:
+    """Splits ``model`` by the task's trainable filter and builds its optimizer and jitted
+    step: the one setup of ``jaxtune train`` and ``jaxtune plan``.
+
+    Args:
+      task: the run's :class:`~jaxtune.train.task.Task` (trainable filter, loss, batch).
+      model: the model, placed on ``mesh`` (or abstract, for ``plan``).
+      n_steps: optimizer steps of the run (the learning-rate schedule's length).
+      abstract: the optimizer state as shapes only (``plan`` compiles, never allocates).
+    """
+    cfg = task.cfg
+    filt = task.trainable(model)
+    info = summary(model, filt)
+    graphdef, params, frozen = nnx.split(model, filt, ...)
+    tx = build_optimizer(cfg.optim, n_steps, params)
+    if abstract:
+        opt_state = jax.eval_shape(tx.init, params)
+    else:
+        opt_state = init_opt_state(tx, params, mesh)
+    step_fn = jit_train_step(
+        graphdef,
+        tx,
+        train_state_shardings(params, opt_state, mesh),
+        state_shardings(frozen, mesh),
+        mesh,
+        grad_accum=cfg.train.grad_accum,
+        dropout=cfg.peft.dropout > 0,
+        loss_sums=task.loss_sums,
+        batch_ndims=task.batch_ndims,
+    )
+    return StepSetup(graphdef, params, frozen, tx, opt_state, step_fn, info)

@@ -13,7 +13,14 @@ import contextlib
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from jaxtune.checkpoint import Checkpointer
+from jaxtune.hf.io import save_hf
+from jaxtune.models import init_model
+from jaxtune.models.llama import LlamaConfig
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
@@ -47,11 +54,6 @@ def write_tiny_model(
     seed: int = 0,
 ) -> Path:
     """A random Llama (vocab ``vocab`` >= the tokenizer's) + tokenizer, as an HF dir."""
-    import jax.numpy as jnp
-
-    from jaxtune.hf.io import save_hf
-    from jaxtune.models import init_model
-    from jaxtune.models.llama import LlamaConfig
 
     tok = tiny_tokenizer()
     cfg = LlamaConfig.tiny(
@@ -120,10 +122,7 @@ def checkpoint_arrays(run_dir: str | Path, step: int | None = None) -> tuple[int
 
     Restores onto this process's first device, whatever mesh or process count wrote it.
     """
-    import jax
     import orbax.checkpoint as ocp
-
-    from jaxtune.checkpoint import Checkpointer
 
     ckpt = Checkpointer(run_dir, async_save=False)
     step = ckpt.latest_step() if step is None else step
@@ -158,7 +157,6 @@ def compile_cache_env(cache_dir: str | Path) -> dict[str, str]:
 @contextlib.contextmanager
 def persistent_compile_cache(cache_dir: str | Path):
     """Uses a persistent XLA compilation cache in this process while the context lasts."""
-    import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
 
     names = (

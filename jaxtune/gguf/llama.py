@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from jaxtune.hf.gguf_arch import Arch, Meta, decoder_dims, dequantize, token_ids
+from jaxtune.gguf.arch import Arch, Meta, decoder_dims, dequantize, token_ids
 
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Shared pieces of the GGUF importer: typed metadata access, dequantization, arch specs.
 
-Each architecture module (:mod:`jaxtune.hf.gguf_llama`, :mod:`jaxtune.hf.gguf_gemma`)
-describes itself with an :class:`Arch`; :mod:`jaxtune.hf.gguf` runs them.
+Each architecture module (:mod:`jaxtune.gguf.llama`, :mod:`jaxtune.gguf.gemma`)
+describes itself with an :class:`Arch`; :mod:`jaxtune.gguf.load` runs them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.hf.gguf_reader import GGUFFile, GGUFFormatError, GGUFValueType, TensorInfo
+from jaxtune.gguf.reader import GGUFFile, GGUFFormatError, GGUFValueType, TensorInfo
 
 
 class Meta:

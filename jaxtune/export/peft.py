@@ -39,12 +39,17 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.atomic import atomic_dir
-from jaxtune.errors import ConfigError, JaxtuneError, ModelLoadError
+from jaxtune.errors import ConfigError, ModelLoadError
+from jaxtune.export.hf import save_pretrained
+from jaxtune.gguf.reader import GGUFFile
 from jaxtune.hf import safetensors_io as st
 from jaxtune.hf.keymap import keymap_for
+from jaxtune.loading import from_pretrained
 from jaxtune.peft.adapters import has_adapters
 from jaxtune.peft.lora import add_lora, linears, lora_linears, lora_spec, path_str
 from jaxtune.quant import quant_format
+from jaxtune.resources import resolve_path
+from jaxtune.verify import check_logits, param_dtype, probe_ids
 
 PREFIX = "base_model.model."
 SUFFIXES = {
@@ -57,17 +62,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-class ExportError(JaxtuneError):
-    """A written export does not reproduce the model (it is removed)."""
-
-    exit_code = 1
-
-
 def _no_bottleneck(model, what: str) -> None:
     if has_adapters(model):
         raise ConfigError(
             f"{what}: bottleneck adapters have no PEFT/Hugging Face format; save the jaxtune "
-            "checkpoint instead (jaxtune.api.save_checkpoint / the run's checkpoints)"
+            "checkpoint instead (jaxtune.checkpoint.save_checkpoint / the run's checkpoints)"
         )
 
 
@@ -153,15 +152,12 @@ def base_model_reference(base) -> str | None:
     """
     if base is None:
         return None
-    from jaxtune.resources import resolve_path
 
     path = resolve_path(base)
     if not path.exists():
         return str(base)
     path = path.absolute()
     if path.is_file() and path.suffix == ".gguf":
-        from jaxtune.hf.gguf_reader import GGUFFile
-
         try:
             meta = GGUFFile(path)
             repo = meta.get("general.source.huggingface.repository")
@@ -316,38 +312,9 @@ def load_peft_adapter(model: nnx.Module, adapter_dir) -> nnx.Module:
 # ---------------------------------------------------------------- verified exports
 
 
-def probe_ids(vocab: int) -> np.ndarray:
-    """Fixed probe batch int32 [2, 16] for export verification."""
-    return np.random.RandomState(0).randint(0, min(vocab, 32000), (2, 16)).astype(np.int32)
-
-
-def default_tolerance(dtype) -> tuple[float, float]:
-    """(atol, rtol on max |logit|) for comparing a reloaded export with the model."""
-    if jnp.dtype(dtype) == jnp.float32:
-        return 1e-4, 1e-4
-    # 16-bit weights: merging rounds W + s*A@B once more than the unmerged forward.
-    return 1e-2, 2e-2
-
-
-def _param_dtype(model):
-    return nnx.to_flat_state(nnx.state(model, nnx.Param))[0][1].dtype
-
-
 def _compare(model, reloaded, tol, what: str, hint: str = "") -> float:
-    from jaxtune.api import numpy_logits
-
     ids = probe_ids(model.config.vocab_size)
-    ref = numpy_logits(model, ids)
-    got = numpy_logits(reloaded, ids)
-    diff = float(np.abs(ref - got).max())
-    atol, rtol = tol if tol is not None else default_tolerance(_param_dtype(model))
-    limit = atol + rtol * float(np.abs(ref).max())
-    if not diff <= limit:  # also catches NaN
-        raise ExportError(
-            f"{what}: reloaded export differs from the model (max |logit diff| {diff:.3e} > "
-            f"{limit:.1e}); nothing was written{hint}"
-        )
-    return diff
+    return check_logits(model, reloaded, [((ids, None), (ids, None))], tol, what, hint)
 
 
 def export_merged(
@@ -365,15 +332,12 @@ def export_merged(
       overwrite: replace an earlier jaxtune export at ``out`` (only that: a directory
         holding anything else is refused); False refuses any existing non-empty ``out``.
     """
-    import jaxtune
-    from jaxtune.api import save_pretrained
-
     _no_bottleneck(model, "merged export")
     out = Path(out)
-    dtype = dtype or _param_dtype(model)
+    dtype = dtype or param_dtype(model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_pretrained(model, tmp, tokenizer=tokenizer, dtype=dtype)
-        reloaded = jaxtune.from_pretrained(tmp, dtype=dtype, scan_layers=model.config.scan_layers)
+        reloaded = from_pretrained(tmp, dtype=dtype, scan_layers=model.config.scan_layers)
         return _compare(model, reloaded, tol, "merged export")
 
 
@@ -388,15 +352,13 @@ def export_adapter(
     ``base_model_name_or_path`` in the adapter config is :func:`base_model_reference`
     of ``base_path``; ``overwrite`` as in :func:`export_merged`.
     """
-    import jaxtune
-
     _no_bottleneck(model, "peft adapter export")
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_adapter(model, tmp, base_path)
-        base = jaxtune.from_pretrained(
+        base = from_pretrained(
             base_path,
-            dtype=_param_dtype(model),
+            dtype=param_dtype(model),
             scan_layers=model.config.scan_layers,
             quantize=quant_format(model),
         )

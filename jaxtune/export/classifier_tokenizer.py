@@ -23,8 +23,8 @@ from transformers import PreTrainedTokenizerFast
 from jaxtune.data.config import DataConfig
 from jaxtune.data.formats import make_encoder
 from jaxtune.data.loaders import Record
+from jaxtune.errors import ExportError
 from jaxtune.models.heads import SequenceClassifier, is_encoder
-from jaxtune.peft.export import ExportError
 
 # Texts the export checks the exported tokenizer on: lengths differ (so a batch pads),
 # with leading / trailing spaces, non-ASCII and digits.

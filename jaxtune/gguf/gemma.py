@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxtune.hf.gguf_arch import Arch, Meta, decoder_dims, token_ids
+from jaxtune.gguf.arch import Arch, Meta, decoder_dims, token_ids
 
 LOCAL_ROPE_THETA = 10_000.0  # llama.cpp: rope_freq_base_train_swa for gemma3
 SLIDING_WINDOW_PATTERN = 6  # llama.cpp: set_swa_pattern(6); every 6th layer is global

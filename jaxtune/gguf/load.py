@@ -1,7 +1,7 @@
 """Native GGUF import: config, tensors and tokenizer in Hugging Face form, without torch.
 
 A GGUF file (llama.cpp's format) holds metadata key/values, a tokenizer and tensors that are
-often block-quantized. This module reads it with :class:`~jaxtune.hf.gguf_reader.GGUFFile`
+often block-quantized. This module reads it with :class:`~jaxtune.gguf.reader.GGUFFile`
 (a memory map: opening a multi-GB file costs only the header, and the vocabulary is decoded
 only for the tokenizer) and translates everything into the names, layouts and config fields
 of a Hugging Face checkpoint, so the rest of jaxtune reuses its HF key tables unchanged::
@@ -11,9 +11,9 @@ of a Hugging Face checkpoint, so the rest of jaxtune reuses its HF key tables un
         ...
     tokenizer = load_gguf_tokenizer(path)        # HF fast tokenizer with chat template
 
-Adding an architecture means one :class:`~jaxtune.hf.gguf_arch.Arch` entry (a config function,
+Adding an architecture means one :class:`~jaxtune.gguf.arch.Arch` entry (a config function,
 a tensor-name table and a per-tensor fix-up function) in a ``gguf_<family>.py`` module:
-:mod:`~jaxtune.hf.gguf_llama` (``llama``), :mod:`~jaxtune.hf.gguf_gemma` (``gemma3``).
+:mod:`~jaxtune.gguf.llama` (``llama``), :mod:`~jaxtune.gguf.gemma` (``gemma3``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.hf import gguf_gemma, gguf_llama
-from jaxtune.hf.gguf_arch import Arch, Meta, dequantize
-from jaxtune.hf.gguf_reader import GGUFFile, GGUFFormatError
+from jaxtune.gguf import gemma as gguf_gemma
+from jaxtune.gguf import llama as gguf_llama
+from jaxtune.gguf.arch import Arch, Meta, dequantize
+from jaxtune.gguf.reader import GGUFFile, GGUFFormatError
 
 _MAGIC = b"GGUF"
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")

@@ -1,18 +1,20 @@
-"""Classification runs in ``jaxtune train`` (``peft.head: classification``).
+"""Sequence classification (``peft.head: classification``) as a task of the one trainer.
 
 End-to-end methods (full, LoRA, DoRA, adapters, feature + unfrozen top layers) train a
-:class:`~jaxtune.models.heads.SequenceClassifier` in the same loop as language models:
-same sharded step (the loss is cross-entropy over the labels), checkpoints, exact
-resume, validation, logging. This module holds what differs:
+:class:`~jaxtune.models.heads.SequenceClassifier` through the same sharded step,
+checkpoints, exact resume, validation and logging as language models; the loss is
+cross-entropy over the labels. What the task adds:
 
-- :func:`label_info`: the label set, fixed when the run starts and kept in the run
-  directory (``labels.json``, written by :func:`keep_labels` once the run's checks have
-  passed), so a resumed run and ``jaxtune export`` rebuild the same head.
-- :func:`final_classifier_report`: accuracy / macro-F1 / confusion matrix on the test
-  split (else validation) -> ``classification_report.{json,md}``.
-- :func:`run_feature_head`: ``peft.method: feature`` with nothing unfrozen has no
-  backbone gradients at all; it runs :func:`jaxtune.classify.run` (features cached
-  once, then a head fitted in seconds), writes the same report and checkpoints the
+- the label set, fixed when the run starts and kept in the run directory
+  (``labels.json``, one of :meth:`Classification.run_files`), so a resumed run and
+  ``jaxtune export`` rebuild the same head; a resumed run whose data has other labels
+  is refused before anything is written;
+- validation loss / accuracy / macro-F1, and a final report (accuracy, macro-F1,
+  confusion matrix) on the test split (else validation) ->
+  ``classification_report.{json,md}``;
+- ``peft.method: feature`` with nothing unfrozen has no backbone gradients at all: it
+  is fitted without steps (features cached once, then a head fitted in seconds,
+  :func:`jaxtune.features.feature_run`), writes the same report and checkpoints the
   head, so the run loads back as the trained classifier.
 """
 
@@ -23,23 +25,25 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
 
+from jaxtune.atomic import atomic_file
+from jaxtune.checkpoint import Checkpointer
 from jaxtune.errors import ConfigError
-
-LABELS_FILE = "labels.json"
-
-
-def feature_only(cfg) -> bool:
-    """``peft.method: feature`` with no backbone parameter unfrozen."""
-    p = cfg.peft
-    return p.method == "feature" and not p.unfreeze and not p.unfreeze_top_layers
+from jaxtune.eval.classification import classifier_metrics
+from jaxtune.features import feature_only, feature_run
+from jaxtune.loading import LABELS_FILE, build_model, check_labels
+from jaxtune.models import resolve_dtype
+from jaxtune.models.heads import SequenceClassifier
+from jaxtune.models.losses import label_loss_sums
+from jaxtune.peft.trainable import classifier_filter
+from jaxtune.train.task import Task, register
 
 
 def label_info(cfg, train_ds, run_dir: Path | None) -> dict:
     """``{"num_labels", "label_names"}`` of the run, checked against the labels saved in
-    ``run_dir`` (None: a run started over); nothing is written (:func:`keep_labels`
-    does, once the run starts).
+    ``run_dir`` (None: a run started over); nothing is written.
 
     Raises:
       ConfigError: a resumed run whose data now has other labels than its checkpoint.
@@ -54,33 +58,62 @@ def label_info(cfg, train_ds, run_dir: Path | None) -> dict:
     return info
 
 
-def check_labels(run_dir: Path, info: dict) -> None:
-    """ConfigError if the run dir holds a labels file with another label set."""
-    path = Path(run_dir) / LABELS_FILE
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved != info:
-            raise ConfigError(
-                f"{path}: the run was started with labels {saved}, the data now gives {info}; "
-                "use a new run.dir"
+@register
+class Classification(Task):
+    """Cross-entropy over labels of a :class:`SequenceClassifier` (backbone + head)."""
+
+    name = "classification"
+    batch_ndims = {"input_ids": 2, "attention_mask": 2, "labels": 1}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.labels: dict | None = None
+
+    def prepare(self, datasets, previous_run):
+        # A run started over (previous_run None) is not held to the labels it deletes.
+        self.labels = label_info(self.cfg, datasets["train"], previous_run)
+
+    def fit_without_steps(self) -> bool:
+        return feature_only(self.cfg)
+
+    def fit(self, run_dir, commit, t_start):
+        return _fit_feature_head(self, Path(run_dir), commit, t_start)
+
+    def build_model(self, mesh):
+        return build_model(self.cfg, mesh, self.labels)
+
+    def abstract_model(self, model_cfg):
+        backbone = super().abstract_model(model_cfg)
+        k = self.cfg.peft.num_labels or 2  # plan reads no data: num_labels, else binary
+        p = self.cfg.peft
+        return nnx.eval_shape(
+            lambda: SequenceClassifier(
+                backbone,
+                k,
+                pooling=p.pooling,
+                feature_layer=p.feature_layer,
+                head_hidden=p.head_hidden,
+                rngs=nnx.Rngs(0),
             )
+        )
 
+    def trainable(self, model):
+        return classifier_filter(model, self.cfg.peft)
 
-def keep_labels(run_dir: Path, info: dict) -> dict:
-    """Writes ``info`` to the run's labels file, or checks it against the one there."""
-    check_labels(run_dir, info)
-    path = Path(run_dir) / LABELS_FILE
-    if not path.exists() and jax.process_index() == 0:
-        path.write_text(json.dumps(info, indent=2))
-    return info
+    def loss_sums(self, model, batch, rng):
+        return label_loss_sums(model, batch, rng)
 
+    def evaluate(self, model, dataset, mesh) -> dict:
+        t = self.cfg.train
+        m = classifier_metrics(model, dataset, t.batch_size, t.max_eval_batches or None)
+        m.pop("confusion")
+        return m
 
-def saved_labels(run_dir: Path) -> dict:
-    """The label set a classification run was trained with (for loading it back)."""
-    path = Path(run_dir) / LABELS_FILE
-    if not path.exists():
-        raise ConfigError(f"{path}: missing; is {run_dir} a classification run?")
-    return json.loads(path.read_text())
+    def run_files(self) -> dict[str, str]:
+        return {LABELS_FILE: json.dumps(self.labels, indent=2)}
+
+    def finish(self, model, datasets, run_dir, step) -> dict:
+        return final_classifier_report(self.cfg, model, datasets, run_dir, step)
 
 
 def _markdown(result: dict, names: list[str] | None) -> str:
@@ -108,30 +141,21 @@ def _markdown(result: dict, names: list[str] | None) -> str:
 def _write(run_dir: Path, result: dict, names) -> None:
     if jax.process_index() != 0:
         return
-    for name, text in (
-        ("classification_report.json", json.dumps(result, indent=2)),
-        ("classification_report.md", _markdown(result, names)),
-    ):
-        tmp = run_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(run_dir / name)
+    atomic_file(run_dir / "classification_report.json", json.dumps(result, indent=2))
+    atomic_file(run_dir / "classification_report.md", _markdown(result, names))
 
 
-def final_classifier_report(cfg, graphdef, params, frozen, datasets, run_dir, step) -> dict:
+def final_classifier_report(cfg, model, datasets, run_dir, step) -> dict:
     """Scores the trained classifier on ``test`` (else ``validation``); writes the report.
 
     Returns:
       ``{"<split>/accuracy", "<split>/macro_f1", "<split>/majority"}`` for the summary
       (empty if there is no held-out split).
     """
-    import numpy as np
-
-    from jaxtune.train.evals import classifier_metrics
-
     split = "test" if "test" in datasets else "validation"
     if split not in datasets:
         return {}
-    m = classifier_metrics(graphdef, params, frozen, datasets[split], cfg.train.batch_size)
+    m = classifier_metrics(model, datasets[split], cfg.train.batch_size)
     train_labels = np.asarray(datasets["train"].labels)
     k = len(m["confusion"])
     majority = np.bincount(train_labels, minlength=k).argmax()
@@ -153,30 +177,24 @@ def final_classifier_report(cfg, graphdef, params, frozen, datasets, run_dir, st
     return {f"{split}/{k}": result[k] for k in ("accuracy", "macro_f1", "majority")}
 
 
-def run_feature_head(cfg, run_dir: Path, t_start: float, commit=None) -> dict:
+def _fit_feature_head(task: Classification, run_dir: Path, commit, t_start: float) -> dict:
     """``jaxtune train`` for ``peft.method: feature``: cached features + a fitted head.
 
-    ``commit(labels)`` checks the labels against the run's and creates the run directory
-    (config + labels) once the data has been read and the head fitted, so a failure
-    before leaves no trace; None = the directory exists already (only the labels are
-    written).
+    ``commit(run_files)`` creates the run directory (config + labels) once the data has
+    been read and the head fitted, so a failure before leaves no trace.
     """
-    from jaxtune.classify import run
-
+    cfg = task.cfg
     feature = {"head_lr": cfg.optim.lr}
     if cfg.train.steps:
         feature["head_steps"] = int(cfg.train.steps)
-    result = run(cfg, feature=feature)
-    head, labels = result.pop("_head"), result.pop("_labels")
+    result = feature_run(cfg, feature=feature)
+    head, task.labels = result.pop("_head"), result.pop("_labels")
     split = result["eval_split"]
     step = int(cfg.train.steps or 0)
     result.update(split=split, step=step)
-    if commit is not None:
-        commit(labels)
-    else:
-        keep_labels(run_dir, labels)
-    _save_head(cfg, Path(run_dir), head, step)
-    _write(Path(run_dir), result, None)
+    commit(task.run_files())
+    _save_head(cfg, run_dir, head, step)
+    _write(run_dir, result, None)
     summary = {
         "run_dir": str(run_dir),
         "steps": result.get("step", 0),
@@ -187,7 +205,7 @@ def run_feature_head(cfg, run_dir: Path, t_start: float, commit=None) -> dict:
         "compiles": 0,
     }
     if jax.process_index() == 0:
-        (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        atomic_file(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     print(
         f"{split}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} "
         f"(majority class {result['majority']:.4f}); the classifier loads from {run_dir}"
@@ -211,8 +229,6 @@ def _save_head(cfg, run_dir: Path, head, step: int) -> None:
     it from ``model.path`` + this checkpoint + ``labels.json``. Parameters take
     ``model.dtype``, as the classifier's head does.
     """
-    from jaxtune.api import resolve_dtype
-    from jaxtune.checkpoint import Checkpointer
 
     dtype = resolve_dtype(cfg.model.dtype)
     params = jax.tree.map(lambda a: a.astype(dtype), nnx.state(_HeadOnly(head), nnx.Param))

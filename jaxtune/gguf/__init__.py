@@ -1,0 +1,1 @@
+"""GGUF files: reading (tensors, tokenizer, config) and the per-family key tables."""
