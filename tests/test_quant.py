@@ -13,6 +13,8 @@ from flax import nnx
 import jaxtune
 from jaxtune import quant
 from jaxtune.api import numpy_logits
+from jaxtune.cli import build_parser
+from jaxtune.cli.plan import run as run_plan
 from jaxtune.config import OptimConfig, PeftConfig, config_from_dict
 from jaxtune.errors import ConfigError
 from jaxtune.hf.io import save_hf
@@ -22,7 +24,6 @@ from jaxtune.optim import build_optimizer, make_train_step, state_bytes, tree_by
 from jaxtune.peft import apply_peft, export_adapter, export_merged, trainable_filter
 from jaxtune.sharding import make_mesh, shard_model, state_shardings, variable_sharding
 from jaxtune.train import testing as T
-from jaxtune.train.command import add_plan_parser, run_plan
 from jaxtune.train.state import init_opt_state, jit_train_step, make_state, train_state_shardings
 
 IDS = np.random.RandomState(0).randint(0, 256, (2, 12))
@@ -356,8 +357,6 @@ def test_lora_training_single_device_and_fsdp8_agree():
 
 
 def test_plan_reports_smaller_arguments_with_quantized_base(tmp_path, capsys):
-    import argparse
-
     cfg = T.write_config(
         tmp_path / "cfg.yaml",
         tmp_path / "not-downloaded",
@@ -368,9 +367,7 @@ def test_plan_reports_smaller_arguments_with_quantized_base(tmp_path, capsys):
         optim="{name: sgd, lr: 0.1}",
         train="{steps: 10, batch_size: 1, seq_len: 8}",
     )
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    add_plan_parser(sub, lambda s, name, h, d: s.add_parser(name, help=h, description=d))
+    parser = build_parser()
     sizes = {}
     for q in ("null", "nf4"):
         out = tmp_path / f"plan-{q}.json"
