@@ -34,6 +34,23 @@ def test_each_subcommand_help_explains_options_and_shows_an_example(name, capsys
             assert action.help, f"{name} {action.option_strings} has no help text"
 
 
+def test_help_does_not_import_jax():
+    """`jaxtune --help` and every `jaxtune COMMAND --help` stay light: a command's module
+    (and with it jax) is imported only when that command runs."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from jaxtune.cli import COMMANDS, main\n"
+        "for argv in [['--help'], *[[name, '--help'] for name in COMMANDS]]:\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        "heavy = {'jax', *COMMANDS.values()}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
 def test_typo_in_subcommand_suggests_the_right_one():
     code, _, err = run("trian", "x.yaml")
     assert code == 2

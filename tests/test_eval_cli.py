@@ -6,32 +6,18 @@ real before/after (SmolLM2 + LoRA on SST-2) is a command in the report.
 """
 
 import json
-import sys
 
 import pytest
 import torch
 import transformers
 
 from jaxtune.api import load_tokenizer
-from jaxtune.errors import JaxtuneError
-from jaxtune.eval import command
+from jaxtune.cli import main
 
 
 def run_cli(argv: list[str]) -> int:
-    """``jaxtune eval ARGV`` through the CLI (or the same parser + error handling)."""
-    from jaxtune import cli
-
-    if "eval" in cli.COMMANDS:
-        return cli.main(["eval", *argv])
-    parser = cli.Parser(prog="jaxtune")
-    sub = parser.add_subparsers(dest="command", parser_class=cli.Parser)
-    command.add_parser(sub, lambda name, h, d: cli._sub(sub, name, h, d))
-    args = parser.parse_args(["eval", *argv])
-    try:
-        return command.run(args)
-    except JaxtuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    """``jaxtune eval ARGV`` through the CLI."""
+    return main(["eval", *argv])
 
 
 def tiny_model_dir(path, seed, tokenizer):

@@ -1,16 +1,16 @@
 """``jaxtune plan``: AOT compilation of the real train step for a TPU topology / N devices."""
 
-import argparse
 import importlib.util
 import json
 import math
 
 import pytest
 
+from jaxtune.cli import build_parser
+from jaxtune.cli.plan import run as run_plan
 from jaxtune.config import load_config
 from jaxtune.errors import ConfigError
 from jaxtune.train import testing as T
-from jaxtune.train.command import add_plan_parser, run_plan
 from jaxtune.train.plan import model_config, presets
 
 needs_libtpu = pytest.mark.skipif(
@@ -20,10 +20,7 @@ needs_libtpu = pytest.mark.skipif(
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    add_plan_parser(sub, lambda s, name, h, d: s.add_parser(name, help=h, description=d))
-    return parser.parse_args(["plan", *argv])
+    return build_parser().parse_args(["plan", *argv])
 
 
 @pytest.fixture(scope="module")

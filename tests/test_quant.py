@@ -9,21 +9,25 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import make_train_step
 
 import jaxtune
 from jaxtune import quant
+from jaxtune.cli import build_parser
+from jaxtune.cli.plan import run as run_plan
 from jaxtune.config import OptimConfig, PeftConfig, config_from_dict
 from jaxtune.errors import ConfigError
 from jaxtune.export.peft import export_adapter, export_merged
 from jaxtune.hf.io import save_hf
 from jaxtune.models import init_model, quantized
 from jaxtune.models.llama import LlamaConfig
-from jaxtune.optim import build_optimizer, make_train_step, state_bytes, tree_bytes
+from jaxtune.models.losses import token_loss_sums
+from jaxtune.optim import build_optimizer, state_bytes, tree_bytes
 from jaxtune.peft import apply_peft, trainable_filter
 from jaxtune.sharding import make_mesh, shard_model, state_shardings, variable_sharding
 from jaxtune.train import testing as T
-from jaxtune.train.command import add_plan_parser, run_plan
 from jaxtune.train.state import init_opt_state, jit_train_step, make_state, train_state_shardings
+from jaxtune.train.tasks.lm import LM_BATCH
 from jaxtune.verify import numpy_logits
 
 IDS = np.random.RandomState(0).randint(0, 256, (2, 12))
@@ -330,6 +334,8 @@ def _train(mesh, steps=3):
         train_state_shardings(params, opt_state, mesh),
         state_shardings(frozen, mesh),
         mesh,
+        loss_sums=token_loss_sums,
+        batch_ndims={k: 2 for k in LM_BATCH},
     )
     state = make_state(0, params, opt_state, 0, mesh)
     batch = device_batch(_batch(8, 16, 256), mesh)
@@ -359,8 +365,6 @@ def test_lora_training_single_device_and_fsdp8_agree():
 
 
 def test_plan_reports_smaller_arguments_with_quantized_base(tmp_path, capsys):
-    import argparse
-
     cfg = T.write_config(
         tmp_path / "cfg.yaml",
         tmp_path / "not-downloaded",
@@ -371,9 +375,7 @@ def test_plan_reports_smaller_arguments_with_quantized_base(tmp_path, capsys):
         optim="{name: sgd, lr: 0.1}",
         train="{steps: 10, batch_size: 1, seq_len: 8}",
     )
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    add_plan_parser(sub, lambda s, name, h, d: s.add_parser(name, help=h, description=d))
+    parser = build_parser()
     sizes = {}
     for q in ("null", "nf4"):
         out = tmp_path / f"plan-{q}.json"

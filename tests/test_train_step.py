@@ -15,12 +15,14 @@ from helpers import tensorboard_scalars
 from jaxtune.config import OptimConfig, PeftConfig, load_config
 from jaxtune.models import init_model
 from jaxtune.models.llama import LlamaConfig
+from jaxtune.models.losses import token_loss_sums
 from jaxtune.optim import build_optimizer
 from jaxtune.peft.trainable import trainable_filter
 from jaxtune.sharding import make_mesh, per_device_bytes, shard_model, state_shardings
 from jaxtune.train import hardware
 from jaxtune.train.state import init_opt_state, jit_train_step, make_state, train_state_shardings
 from jaxtune.train.step import make_train_step
+from jaxtune.train.tasks.lm import LM_BATCH
 
 
 def _batch(rng, b, t, vocab, lengths):
@@ -132,6 +134,8 @@ def fsdp_full():
         train_state_shardings(params, opt_state, mesh),
         state_shardings(frozen, mesh),
         mesh,
+        loss_sums=token_loss_sums,
+        batch_ndims={k: 2 for k in LM_BATCH},
     )
     from jaxtune.sharding import device_batch
 

@@ -14,7 +14,8 @@ Entry points (imported lazily, so ``import jaxtune.eval`` stays light)::
 
 Modules: ``scoring`` (log-likelihood of continuations), ``multiple_choice`` (acc /
 acc_norm), ``tasks`` (ARC, HellaSwag, MMLU, BoolQ, JSONL), ``perplexity``,
-``classification``, ``generate``, ``analysis``, ``report``, ``runner``, ``command`` (CLI).
+``classification``, ``generate``, ``analysis``, ``report``, ``runner``; the CLI is
+``jaxtune.cli.eval``.
 """
 
 from __future__ import annotations

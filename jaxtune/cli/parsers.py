@@ -1,0 +1,212 @@
+"""What each ``jaxtune`` command accepts: ``add_<command>(make_sub)`` declares its arguments.
+
+``make_sub(name, help, description) -> ArgumentParser`` adds the subcommand (with its
+example, see ``jaxtune.cli.EXAMPLES``). This module imports nothing heavy (only the
+distributed flags of ``jaxtune.train.distributed``), so ``jaxtune --help`` and
+``jaxtune COMMAND --help`` never import jax; each command's runner lives in its own
+module (``jaxtune.cli.COMMANDS``).
+"""
+
+from __future__ import annotations
+
+from jaxtune.train.distributed import add_distributed_args
+
+
+def add_train(make_sub) -> None:
+    p = make_sub(
+        "train",
+        "fine-tune a model from a config",
+        "Fine-tune (full, LoRA, DoRA, adapters) from a YAML config; key=value arguments "
+        "override config keys. Re-running with the same run.dir resumes from its latest "
+        "checkpoint; SIGTERM saves a checkpoint and exits 0.",
+    )
+    p.add_argument("config", help="YAML config (see configs/ and the README's config reference)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 peft.rank=16"
+    )
+    add_distributed_args(p)
+
+
+def add_data(make_sub) -> None:
+    p = make_sub(
+        "data",
+        "inspect a dataset before training",
+        "Data tools. 'inspect' renders examples, counts tokens, truncation, padding, loss-mask "
+        "coverage, duplicates and label balance, and writes report.md/report.json/lengths.png.",
+    )
+    p.add_argument("action", choices=["inspect"], help="what to do (inspect)")
+    p.add_argument("config", help="YAML config with a data section")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train=file.jsonl")
+    p.add_argument("--out", help="report directory (default: RUN_DIR/data_report)")
+
+
+def add_convert(make_sub) -> None:
+    p = make_sub(
+        "convert",
+        "HF dir / .gguf -> jaxtune checkpoint",
+        "Convert a Hugging Face safetensors directory or a GGUF file into a jaxtune checkpoint "
+        "(Orbax params, the resolved model config and the tokenizer). Weights are streamed "
+        "tensor by tensor.",
+    )
+    p.add_argument("src", help="HF model directory (safetensors) or .gguf file")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="parameter dtype of the checkpoint (default: float32)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is an earlier jaxtune export (anything else is never replaced)",
+    )
+
+
+def add_export(make_sub) -> None:
+    p = make_sub(
+        "export",
+        "run / checkpoint -> merged HF dir or PEFT adapter",
+        "Export a trained model: --merged writes an HF safetensors directory with adapters "
+        "folded in (transformers loads it); --adapter writes a PEFT LoRA/DoRA adapter (peft "
+        "loads it on the base model). What is written is reloaded and its logits compared "
+        "with the trained model before the command succeeds.",
+    )
+    p.add_argument("src", help="run dir, jaxtune checkpoint, HF dir or .gguf file")
+    p.add_argument("out", help="output directory (written atomically)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--merged", action="store_true", help="HF directory with adapters merged (default)"
+    )
+    kind.add_argument("--adapter", action="store_true", help="PEFT adapter (LoRA / DoRA runs only)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weight dtype in the files (default: the parameters' dtype)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is an earlier jaxtune export (anything else is never replaced)",
+    )
+
+
+def add_generate(make_sub) -> None:
+    p = make_sub(
+        "generate",
+        "generate text from a model",
+        "Generate text with a KV cache (greedy by default; --temperature/--top-k/--top-p sample).",
+    )
+    p.add_argument(
+        "--model", required=True, help="HF dir, .gguf file, jaxtune checkpoint or run dir"
+    )
+    p.add_argument(
+        "--prompt", action="append", required=True, help="prompt text; repeat for a batch"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument(
+        "--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)"
+    )
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--chat", action="store_true", help="render the prompt with the tokenizer's chat template"
+    )
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--dtype", default="float32", help="parameter dtype (default: float32)")
+
+
+def add_eval(make_sub) -> None:
+    p = make_sub(
+        "eval",
+        "evaluate a model on tasks (JSON + Markdown report)",
+        "Evaluate a model on multiple-choice tasks (arc_easy, arc_challenge, hellaswag, mmlu, "
+        "mmlu_<subject>, boolq, or a JSONL file of {context, choices, label}), generation tasks "
+        "(a JSONL file of {prompt, reference}) and held-out perplexity. Writes eval_report.json "
+        "and eval_report.md; --compare BASE puts a base model and this one side by side.",
+    )
+    p.add_argument("config", nargs="?", help="optional run config YAML (eval.*, run.dir, data.*)")
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    p.add_argument("--model", help="HF dir, .gguf file, jaxtune checkpoint or run dir")
+    p.add_argument("--tasks", help="comma-separated task names and/or JSONL task files")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/eval or eval_out)")
+    p.add_argument("--limit", type=int, help="first N items per task (per subject for mmlu)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="k-shot examples (default: 0)")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234)")
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="(item, choice) rows per forward pass"
+    )
+    p.add_argument("--max-len", type=int, help="token budget per scored sequence (default 2048)")
+    p.add_argument(
+        "--compare",
+        nargs="?",
+        const="",
+        metavar="BASE",
+        help="also evaluate BASE (default with a config: model.path) and report before/after",
+    )
+    p.add_argument("--dtype", default="float32", help="parameter dtype (default: float32)")
+    p.add_argument("--data", help="file for the perplexity task (with --data-format)")
+    p.add_argument("--data-format", default="text", help="data format of --data (default text)")
+    p.add_argument("--split", help="config split for perplexity (default: validation)")
+    p.add_argument("--seq-len", type=int, help="rows of the perplexity data (default 512)")
+    p.add_argument("--max-new-tokens", type=int, help="generation tasks (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="generation: 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="generation: top-k sampling (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="generation: nucleus mass")
+    p.add_argument("--chat", action="store_true", help="generation: use the chat template")
+    p.add_argument("--stop", action="append", default=[], help="generation stop string")
+
+
+def add_plan(make_sub) -> None:
+    p = make_sub(
+        "plan",
+        "AOT-compile the train step for a TPU topology or N devices; memory and FLOPs",
+        "Compile the exact train step of a config for a TPU pod slice on this host "
+        "(no TPU needed; needs libtpu: pip install 'jax[tpu]') or for N local devices, "
+        "without loading weights, and print per-device memory (arguments, outputs, "
+        "temporaries, total vs HBM), FLOPs per step and whether it fits. Exit code 1 "
+        "if it does not fit.\n\nexample:\n  "
+        "jaxtune plan configs/llama31_8b_lora.yaml --topology v5p:2x2x2",
+    )
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=16")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--topology", metavar="GEN:AxBxC", help="TPU slice, e.g. v5p:2x2x2, v5e:4x4, v6e:2x4"
+    )
+    where.add_argument(
+        "--devices", type=int, metavar="N", help="the first N devices of the local platform"
+    )
+    p.add_argument(
+        "--preset",
+        help="architecture preset (e.g. llama31_8b) instead of model.path / model.preset",
+    )
+    p.add_argument(
+        "--hbm-gib", type=float, metavar="GIB", help="memory per device to check against"
+    )
+    p.add_argument(
+        "--measure",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also run the compiled step STEPS times on the local devices with made-up "
+        "weights and batch (no checkpoint or data needed): seconds/step, tokens/s, MFU "
+        "and the allocator's peak memory (GPU/TPU). Needs --devices",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
+
+
+# Keyed like ``jaxtune.cli.COMMANDS``.
+ADD = {
+    "train": add_train,
+    "data": add_data,
+    "convert": add_convert,
+    "export": add_export,
+    "generate": add_generate,
+    "eval": add_eval,
+    "plan": add_plan,
+}
