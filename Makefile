@@ -42,6 +42,7 @@ test: install-test
 lint: install-test
 	$(VENV)/bin/ruff check jaxtune tests scripts benchmarks
 	$(VENV)/bin/ruff format --check jaxtune tests scripts benchmarks
+	$(VENV)/bin/lint-imports --no-logo
 
 # Heavy, not part of `make test`: the README's commands, in order, in a fresh clone.
 readme-check:
