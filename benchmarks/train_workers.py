@@ -69,7 +69,7 @@ class JaxSide:
 
         from jaxtune.config import config_from_dict, validate_against_devices
         from jaxtune.sharding import device_batch, make_mesh
-                from jaxtune.train.state import make_state, setup_step
+        from jaxtune.train.state import make_state, setup_step
         from jaxtune.train.tasks import task_for
 
         self.jax = jax
