@@ -13,7 +13,8 @@ from helpers import package_dir
 
 import jaxtune
 import jaxtune.features as features
-from jaxtune.features import FeatureCache, FeatureSpec, predict_head, train_head
+from jaxtune.feature_heads import predict_head, train_head
+from jaxtune.features import FeatureCache, FeatureSpec
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -177,7 +178,7 @@ def test_second_task_on_same_texts_reuses_features(tmp_path, monkeypatch):
     # (a cache hit). With a vanishing learning rate the trained head is that head.
     from flax import nnx
 
-    from jaxtune.features import feature_head
+    from jaxtune.feature_heads import feature_head
 
     cfg = load_config(
         None,

@@ -3,7 +3,7 @@
 ``validation``), return one row of the comparison table.
 
 ``peft.method: feature`` with nothing unfrozen fits a head on cached features
-(:func:`jaxtune.features.feature_run`); every other method trains a
+(:func:`jaxtune.feature_heads.feature_run`); every other method trains a
 :class:`~jaxtune.models.heads.SequenceClassifier` end to end with the one trainer
 (:func:`jaxtune.train.loop.train`, the classification task) in a temporary run
 directory (the experiment's output is its result row; the directory is removed), then
@@ -21,7 +21,7 @@ from pathlib import Path
 from flax import nnx
 
 from jaxtune.eval.classification import classification_metrics, predict
-from jaxtune.features import classification_data, feature_head, feature_only, feature_run
+from jaxtune.feature_heads import classification_data, feature_head, feature_only, feature_run
 from jaxtune.loading import from_pretrained
 from jaxtune.peft.trainable import classifier_filter, summary
 from jaxtune.train.loop import train
@@ -33,7 +33,7 @@ def run(cfg, *, feature: dict | None = None, log=print) -> dict:
     Args:
       cfg: run config with ``data.format: classification`` and ``peft.head:
         classification``.
-      feature: options of the cached-feature path (:func:`jaxtune.features.feature_run`);
+      feature: options of the cached-feature path (:func:`jaxtune.feature_heads.feature_run`);
         and ``init_head``: end-to-end methods start from the head fitted on cached
         features (LP-FT, Kumar et al. 2022) instead of a random one.
 

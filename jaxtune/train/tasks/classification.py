@@ -14,7 +14,7 @@ cross-entropy over the labels. What the task adds:
   ``classification_report.{json,md}``;
 - ``peft.method: feature`` with nothing unfrozen has no backbone gradients at all: it
   is fitted without steps (features cached once, then a head fitted in seconds,
-  :func:`jaxtune.features.feature_run`), writes the same report and checkpoints the
+  :func:`jaxtune.feature_heads.feature_run`), writes the same report and checkpoints the
   head, so the run loads back as the trained classifier.
 """
 
@@ -32,7 +32,7 @@ from jaxtune.atomic import atomic_file
 from jaxtune.checkpoint import Checkpointer
 from jaxtune.errors import ConfigError
 from jaxtune.eval.classification import classifier_metrics
-from jaxtune.features import feature_only, feature_run
+from jaxtune.feature_heads import feature_only, feature_run
 from jaxtune.loading import LABELS_FILE, build_model, check_labels
 from jaxtune.models import resolve_dtype
 from jaxtune.models.heads import SequenceClassifier
