@@ -25,6 +25,7 @@ from jaxtune.gguf import load as gguf
 from jaxtune.gguf.load import load_gguf_tokenizer
 from jaxtune.hf import io as hf_io
 from jaxtune.hf.classifier import is_classifier_dir, load_classifier
+from jaxtune.hf.families import hf_module
 from jaxtune.models import family_for_model_type, resolve_dtype
 from jaxtune.models.heads import SequenceClassifier
 from jaxtune.models.quantized import check_format
@@ -129,7 +130,7 @@ def from_pretrained(
         fam_cfg = gguf.read_gguf_config(path)
 
         fam = family_for_model_type(fam_cfg.get("model_type"))
-        cfg = fam.hf_module().config_from_hf(fam_cfg, str(path)).replace(**opts)
+        cfg = hf_module(fam).config_from_hf(fam_cfg, str(path)).replace(**opts)
         tensors = ((n, a, str(path)) for n, a in gguf.iter_gguf_tensors(path))
         model = hf_io.load_params(
             cfg, tensors, dtype=dtype, sharding=sharding, source=str(path), quantize=quantize

@@ -32,7 +32,8 @@ from jaxtune.export.classifier_tokenizer import (
     grow_embedding,
 )
 from jaxtune.hf import safetensors_io as st
-from jaxtune.hf.classifier import _head_vars, _torch_layout, load_classifier
+from jaxtune.hf.classifier import head_vars, torch_layout, load_classifier
+from jaxtune.hf.families import hf_module
 from jaxtune.hf.io import iter_hf_tensors
 from jaxtune.loading import load_tokenizer
 from jaxtune.models import family_of_config
@@ -82,7 +83,7 @@ def _hf_layout(clf: SequenceClassifier) -> tuple[str, str]:
         if not bias:
             problems.append(f"the head has no bias; {arch}'s layers have biases")
     elif not is_encoder(cfg):
-        arch = family_of_config(cfg).hf_module().config_to_hf(cfg)["architectures"][0]
+        arch = hf_module(family_of_config(cfg)).config_to_hf(cfg)["architectures"][0]
         for suffix in ("ForCausalLM", "LMHeadModel"):
             arch = arch.replace(suffix, "ForSequenceClassification")
         prefix = ""
@@ -132,7 +133,7 @@ def export_classifier(clf: SequenceClassifier, out, tokenizer=None, *, tol=1e-4)
     arch, prefix = _hf_layout(clf)
     backbone = merged_copy(clf.backbone)
     cfg = backbone.config
-    config = family_of_config(cfg).hf_module().config_to_hf(cfg)
+    config = hf_module(family_of_config(cfg)).config_to_hf(cfg)
     names = clf.label_names or tuple(f"LABEL_{i}" for i in range(clf.num_labels))
     config.update(
         architectures=[arch],
@@ -150,7 +151,7 @@ def export_classifier(clf: SequenceClassifier, out, tokenizer=None, *, tol=1e-4)
         for name, arr in iter_hf_tensors(backbone)
         if not name.startswith("lm_head.")
     }
-    tensors.update({n: _torch_layout(n, np.asarray(v[...])) for n, v in _head_vars(clf).items()})
+    tensors.update({n: torch_layout(n, np.asarray(v[...])) for n, v in head_vars(clf).items()})
     exported = None
     if tokenizer is not None:
         exported = export_tokenizer(tokenizer, clf, cfg.vocab_size)

@@ -43,7 +43,7 @@ from jaxtune.errors import ConfigError, ModelLoadError
 from jaxtune.export.hf import save_pretrained
 from jaxtune.gguf.reader import GGUFFile
 from jaxtune.hf import safetensors_io as st
-from jaxtune.hf.keymap import keymap_for
+from jaxtune.hf.families import keymap_for
 from jaxtune.loading import from_pretrained
 from jaxtune.peft.adapters import has_adapters
 from jaxtune.peft.lora import add_lora, linears, lora_linears, lora_spec, path_str

@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxtune.errors import ModelLoadError
 from jaxtune.hf import io as hf_io
+from jaxtune.hf.families import hf_module
 from jaxtune.models import family_for_model_type, resolve_dtype
 from jaxtune.models.heads import SequenceClassifier
 
@@ -27,7 +28,7 @@ HEAD_TENSORS = ("classifier.", "pre_classifier.", "score.")
 CLASSIFICATION_KEYS = ("id2label", "label2id", "num_labels", "problem_type", "architectures")
 
 
-def _head_vars(clf: SequenceClassifier) -> dict[str, nnx.Variable]:
+def head_vars(clf: SequenceClassifier) -> dict[str, nnx.Variable]:
     """HF tensor name -> head variable, the one table for export and import.
 
     HF names: ``score`` (decoders, no bias), ``classifier`` (BERT), ``pre_classifier`` +
@@ -42,7 +43,8 @@ def _head_vars(clf: SequenceClassifier) -> dict[str, nnx.Variable]:
     return {**names, "classifier.weight": out.kernel, "classifier.bias": out.bias}
 
 
-def _torch_layout(name: str, x: np.ndarray) -> np.ndarray:
+def torch_layout(name: str, x: np.ndarray) -> np.ndarray:
+    """A head tensor between jaxtune ([in, out] kernels) and torch ([out, in]) layouts."""
     return np.ascontiguousarray(x.T if name.endswith("weight") else x)  # involution
 
 
@@ -69,7 +71,7 @@ def load_classifier(path, dtype="float32", *, scan_layers: bool | None = None):
     if fam is None or not arch.endswith("ForSequenceClassification"):
         raise ModelLoadError(f"{cfg_path}: {arch!r} is not a supported sequence classifier")
     base = {k: v for k, v in d.items() if k not in CLASSIFICATION_KEYS}
-    cfg = fam.hf_module().config_from_hf(base, str(cfg_path))
+    cfg = hf_module(fam).config_from_hf(base, str(cfg_path))
     fields = {f.name for f in dataclasses.fields(cfg)}
     if "tie_word_embeddings" in fields:
         cfg = cfg.replace(tie_word_embeddings=True)  # a classifier checkpoint has no LM head
@@ -95,10 +97,10 @@ def load_classifier(path, dtype="float32", *, scan_layers: bool | None = None):
         opts = dict(pooling="last", head_bias=False) if "score.weight" in head else {}
         opts = opts or dict(pooling="pooler")
     clf = SequenceClassifier(backbone, k, label_names=names, **opts)
-    for name, var in _head_vars(clf).items():
+    for name, var in head_vars(clf).items():
         if name not in head:
             raise ModelLoadError(f"{path}: missing tensor {name!r}")
-        arr = _torch_layout(name, head.pop(name))
+        arr = torch_layout(name, head.pop(name))
         if arr.shape != var.shape:
             raise ModelLoadError(
                 f"{path}: {name} has shape {arr.T.shape}, expected {var.shape[::-1]}"

@@ -21,7 +21,8 @@ from jaxtune import quant
 from jaxtune.atomic import atomic_dir
 from jaxtune.errors import ConfigError, ModelLoadError
 from jaxtune.hf import safetensors_io as st
-from jaxtune.hf.keymap import keymap_for, path_str
+from jaxtune.hf.families import hf_module, keymap_for
+from jaxtune.hf.keymap import path_str
 from jaxtune.models import (
     FAMILIES,
     abstract_model,
@@ -61,7 +62,7 @@ def read_hf_config(model_dir: Path):
             f"{path}: unsupported architecture {archs[0]!r} (model_type {d.get('model_type')!r}); "
             f"jaxtune supports model types {supported_model_types()}"
         )
-    return fam, fam.hf_module().config_from_hf(d, str(path))
+    return fam, hf_module(fam).config_from_hf(d, str(path))
 
 
 def supported_model_types() -> list[str]:
@@ -134,7 +135,7 @@ def load_params(
       raise :class:`ModelLoadError` naming the tensor (and both shapes).
     """
     fam = family_of_config(cfg)
-    hf = fam.hf_module()
+    hf = hf_module(fam)
     keymap = keymap_for(cfg)
     # A family may rename tensors first (strip ``bert.``-style task prefixes) and drop
     # task-head tensors (None) that are not part of the base model.
@@ -330,7 +331,7 @@ def save_hf(
     """
     out_dir = Path(out_dir)
     cfg = model.config
-    hf = family_of_config(cfg).hf_module()
+    hf = hf_module(family_of_config(cfg))
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         config = hf.config_to_hf(cfg)
         first = nnx.to_flat_state(nnx.state(model, nnx.Param))[0][1]

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxtune.models import family_of_config
-
 Path = tuple  # a flat-state path such as ("layers", "attn", "q_proj", "kernel")
 
 
@@ -89,12 +87,3 @@ class KeyMap:
 
 def path_str(path: Path) -> str:
     return "/".join(str(p) for p in path)
-
-
-def keymap_for(cfg) -> KeyMap:
-    """The key table for ``cfg``: the family module's ``keymap_for(cfg)`` when it has one
-    (one family, several HF naming schemes: BERT / DistilBERT), else its ``KEYMAP``."""
-
-    hf = family_of_config(cfg).hf_module()
-    pick = getattr(hf, "keymap_for", None)
-    return pick(cfg) if pick is not None else hf.KEYMAP

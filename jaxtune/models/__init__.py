@@ -1,7 +1,8 @@
 """Model families and helpers to build models without allocating random weights.
 
-Adding a family = ``models/<family>.py`` + ``hf/<family>.py`` + an entry in
-``FAMILIES`` (model type names as they appear in HF ``config.json``).
+Adding a family = ``models/<family>.py`` + an entry in ``FAMILIES`` (model type names
+as they appear in HF ``config.json``) + ``hf/<family>.py`` and its entry in
+``jaxtune.hf.families.HF_MODULES``.
 """
 
 from __future__ import annotations
@@ -21,39 +22,29 @@ from jaxtune.errors import ModelLoadError
 class Family:
     name: str
     model: str  # "module:Class"
-    hf: str  # module with KEYMAP, IGNORED, config_from_hf, config_to_hf
     model_types: tuple[str, ...]
 
     def model_class(self):
         mod, cls = self.model.split(":")
         return getattr(importlib.import_module(mod), cls)
 
-    def hf_module(self):
-        return importlib.import_module(self.hf)
-
 
 FAMILIES = {
     "llama": Family(
         "llama",
         "jaxtune.models.llama:LlamaForCausalLM",
-        "jaxtune.hf.llama",
         ("llama", "mistral", "qwen2"),
     ),
     "gemma": Family(
         "gemma",
         "jaxtune.models.gemma:GemmaForCausalLM",
-        "jaxtune.hf.gemma",
         ("gemma", "gemma2", "gemma3_text"),
     ),
-    "gpt2": Family("gpt2", "jaxtune.models.gpt2:GPT2LMHeadModel", "jaxtune.hf.gpt2", ("gpt2",)),
+    "gpt2": Family("gpt2", "jaxtune.models.gpt2:GPT2LMHeadModel", ("gpt2",)),
     # GPT-Neo shares the GPT-2 model code; its key table differs (nn.Linear, not Conv1D).
-    "gpt_neo": Family(
-        "gpt_neo", "jaxtune.models.gpt2:GPT2LMHeadModel", "jaxtune.hf.gpt_neo", ("gpt_neo",)
-    ),
+    "gpt_neo": Family("gpt_neo", "jaxtune.models.gpt2:GPT2LMHeadModel", ("gpt_neo",)),
     # Encoders: BERT and DistilBERT share one model; hf.bert picks the tensor names.
-    "bert": Family(
-        "bert", "jaxtune.models.bert:BertModel", "jaxtune.hf.bert", ("bert", "distilbert")
-    ),
+    "bert": Family("bert", "jaxtune.models.bert:BertModel", ("bert", "distilbert")),
 }
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 
-import jax
-
 from jaxtune.errors import ConfigError
 
 ENV = {
@@ -73,6 +71,9 @@ def initialize(
     Raises:
       ConfigError: only some of the three explicit settings are given, or bad values.
     """
+    # jax here, not at the top: `jaxtune --help` builds its parser from this module
+    # (add_distributed_args) and must not import jax.
+    import jax
 
     env = os.environ if environ is None else environ
     coordinator = coordinator or env.get(ENV["coordinator"]) or None

@@ -30,6 +30,7 @@ from jaxtune.checkpoint import MARKER
 from jaxtune.config import Config, validate_against_devices
 from jaxtune.errors import ConfigError, JaxtuneError
 from jaxtune.gguf import load as gguf
+from jaxtune.hf.families import hf_module
 from jaxtune.hf.io import read_hf_config
 from jaxtune.loading import model_kind, run_model_source, scan_layers_for
 from jaxtune.models import FAMILIES, config_from_dict, family_for_model_type
@@ -261,7 +262,7 @@ def _config_from_path(path: Path):
     if kind == "gguf":
         meta = gguf.read_gguf_config(path)
         fam = family_for_model_type(meta.get("model_type"))
-        return fam.hf_module().config_from_hf(meta, str(path))
+        return hf_module(fam).config_from_hf(meta, str(path))
     if kind == "jaxtune":
         return config_from_dict(json.loads((path / MARKER).read_text())["model_config"])
 
