@@ -32,7 +32,7 @@ from jaxtune.export.classifier_tokenizer import (
     grow_embedding,
 )
 from jaxtune.hf import safetensors_io as st
-from jaxtune.hf.classifier import head_vars, torch_layout, load_classifier
+from jaxtune.hf.classifier import head_vars, load_classifier, torch_layout
 from jaxtune.hf.families import hf_module
 from jaxtune.hf.io import iter_hf_tensors
 from jaxtune.loading import load_tokenizer
