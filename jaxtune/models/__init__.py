@@ -8,7 +8,6 @@ as they appear in HF ``config.json``) + ``hf/<family>.py`` and its entry in
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass
 
 import jax
@@ -16,35 +15,38 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import ModelLoadError
+from jaxtune.models.bert import BertModel
+from jaxtune.models.gemma import GemmaForCausalLM
+from jaxtune.models.gpt2 import GPT2LMHeadModel
+from jaxtune.models.llama import LlamaForCausalLM
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    model: str  # "module:Class"
+    model: type  # the model class
     model_types: tuple[str, ...]
 
-    def model_class(self):
-        mod, cls = self.model.split(":")
-        return getattr(importlib.import_module(mod), cls)
+    def model_class(self) -> type:
+        return self.model
 
 
 FAMILIES = {
     "llama": Family(
         "llama",
-        "jaxtune.models.llama:LlamaForCausalLM",
+        LlamaForCausalLM,
         ("llama", "mistral", "qwen2"),
     ),
     "gemma": Family(
         "gemma",
-        "jaxtune.models.gemma:GemmaForCausalLM",
+        GemmaForCausalLM,
         ("gemma", "gemma2", "gemma3_text"),
     ),
-    "gpt2": Family("gpt2", "jaxtune.models.gpt2:GPT2LMHeadModel", ("gpt2",)),
+    "gpt2": Family("gpt2", GPT2LMHeadModel, ("gpt2",)),
     # GPT-Neo shares the GPT-2 model code; its key table differs (nn.Linear, not Conv1D).
-    "gpt_neo": Family("gpt_neo", "jaxtune.models.gpt2:GPT2LMHeadModel", ("gpt_neo",)),
+    "gpt_neo": Family("gpt_neo", GPT2LMHeadModel, ("gpt_neo",)),
     # Encoders: BERT and DistilBERT share one model; hf.bert picks the tensor names.
-    "bert": Family("bert", "jaxtune.models.bert:BertModel", ("bert", "distilbert")),
+    "bert": Family("bert", BertModel, ("bert", "distilbert")),
 }
 
 
