@@ -131,7 +131,7 @@ def test_train_head_on_features(hidden):
 def test_second_task_on_same_texts_reuses_features(tmp_path, monkeypatch):
     """Two classification runs over the same texts with different label sets: the
     second trains its head on the cached features without loading the backbone."""
-    import jaxtune.features
+    import jaxtune.feature_heads
     from jaxtune.config import load_config
     from jaxtune.train.compare import run
 
@@ -160,9 +160,9 @@ def test_second_task_on_same_texts_reuses_features(tmp_path, monkeypatch):
         "train.epochs=1",
     ]
     loads = []
-    real = jaxtune.features.from_pretrained
+    real = jaxtune.feature_heads.from_pretrained
     monkeypatch.setattr(
-        jaxtune.features, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k)
+        jaxtune.feature_heads, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k)
     )
     opts = {"cache_dir": str(tmp_path / "features"), "head_steps": 50, "l2_grid": [0.01]}
     first = run(load_config(None, [*base, "data.fields={label: sentiment}"]), feature=opts)
