@@ -4,6 +4,8 @@
 :func:`atomic_dir` does the same for a whole directory (exports, checkpoints), which it
 marks with ``jaxtune_export.json`` listing what jaxtune wrote. An existing directory is
 replaced only on request and only if jaxtune wrote it (:func:`check_out_dir`).
+:func:`atomic_writer` streams a large file the same way; :func:`cache_entry` publishes a
+content-keyed cache directory (tokenized data, features).
 """
 
 from __future__ import annotations
@@ -202,23 +204,63 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool | None = None):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_file(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Writes ``data`` to ``path`` through a temporary sibling renamed into place.
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike):
+    """Context manager yielding a binary file whose content replaces ``path`` on success.
 
-    Readers see the old content or the new one, never a partial file; on an error the
-    temporary file is removed and ``path`` is unchanged. Text is written as UTF-8.
+    Readers see the old content or the new one, never a partial file; on an exception the
+    temporary sibling is removed and ``path`` is unchanged (for streaming large writes;
+    :func:`atomic_file` writes a string or bytes at once).
+
+    Raises:
+      DiskFullError: the disk filled up (nothing is left behind).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if isinstance(data, str):
-            tmp.write_text(data, encoding="utf-8")
-        else:
-            tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            yield f
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(f"no space left on device writing {path}") from None
         raise
-    return path
+
+
+def atomic_file(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Writes ``data`` to ``path`` through a temporary sibling renamed into place.
+
+    Readers see the old content or the new one, never a partial file; on an error the
+    temporary file is removed and ``path`` is unchanged. Text is written as UTF-8.
+    """
+    with atomic_writer(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def cache_entry(final: str | os.PathLike, *, replace: bool = False):
+    """Context manager: build a cache entry in a temp sibling dir, rename it to ``final``.
+
+    Cache entries are keyed by their content's inputs, so when ``final`` already exists
+    (another process built it meanwhile) that entry is kept and ours dropped, unless
+    ``replace`` (a rebuild, or a damaged entry being recomputed). On an exception the
+    temporary directory is removed and ``final`` is unchanged.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if replace and final.exists():
+            shutil.rmtree(final)
+        if final.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"no space left on device writing {final}") from None
+        raise

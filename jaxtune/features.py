@@ -19,8 +19,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune.atomic import cache_entry
 from jaxtune.errors import ConfigError
 from jaxtune.loading import from_pretrained
 from jaxtune.models.heads import backbone_states, l2_normalize, pool
@@ -199,19 +198,11 @@ class FeatureCache:
 
     def store(self, key: str, feats: np.ndarray, manifest: dict) -> Path:
         """Writes an entry atomically (a concurrent writer's identical entry wins)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
-        try:
+        # replace: store() runs on a miss, which includes a damaged entry load() refused.
+        with cache_entry(self.root / key, replace=True) as tmp:
             np.save(tmp / "features.npy", feats)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            final = self.root / key
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return final
+        return self.root / key
 
     def features(
         self,

