@@ -79,6 +79,23 @@ def dequantize(path: Path, t: TensorInfo) -> np.ndarray:
     return w if w.flags.writeable else w.copy()
 
 
+# GGUF tensor name -> HF name shared by the decoder families llama.cpp names alike;
+# each architecture adds its norms and MLP ({i}: the block index).
+DECODER_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
 @dataclass(frozen=True)
 class Arch:
     """How one ``general.architecture`` maps onto a Hugging Face model."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxtune.gguf.arch import Arch, Meta, decoder_dims, token_ids
+from jaxtune.gguf.arch import DECODER_TENSORS, Arch, Meta, decoder_dims, token_ids
 
 LOCAL_ROPE_THETA = 10_000.0  # llama.cpp: rope_freq_base_train_swa for gemma3
 SLIDING_WINDOW_PATTERN = 6  # llama.cpp: set_swa_pattern(6); every 6th layer is global
@@ -126,22 +126,12 @@ def _gemma_fix(name: str, w: np.ndarray, config: dict) -> np.ndarray:
 
 
 _GEMMA3_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    **DECODER_TENSORS,
     "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
     "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
     "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
     "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
 
 ARCHS = {
