@@ -12,6 +12,15 @@ from __future__ import annotations
 from jaxtune.train.distributed import add_distributed_args
 
 
+def add_overwrite(p) -> None:
+    """``--overwrite`` for the commands that write an export directory (convert, export)."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is an earlier jaxtune export (anything else is never replaced)",
+    )
+
+
 def add_train(make_sub) -> None:
     p = make_sub(
         "train",
@@ -56,11 +65,7 @@ def add_convert(make_sub) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="parameter dtype of the checkpoint (default: float32)",
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace OUT if it is an earlier jaxtune export (anything else is never replaced)",
-    )
+    add_overwrite(p)
 
 
 def add_export(make_sub) -> None:
@@ -85,11 +90,7 @@ def add_export(make_sub) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="weight dtype in the files (default: the parameters' dtype)",
     )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace OUT if it is an earlier jaxtune export (anything else is never replaced)",
-    )
+    add_overwrite(p)
 
 
 def add_generate(make_sub) -> None:
