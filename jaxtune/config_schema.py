@@ -35,8 +35,12 @@ class ModelConfig:
         2 x 2048 moves 1 GiB off the accelerator; the same as ``full`` on a CPU).
       attention: attention kernel: ``flash`` (jaxtune's memory-efficient attention in
         plain JAX: only the output and log-sum-exp are kept for the backward pass, keys
-        in blocks of 512, queries in blocks of 1024), ``xla`` / ``cudnn`` (``jax.nn.dot_product_attention``), or
-        ``auto``: cuDNN (or XLA) on GPU, ``flash`` on CPU and TPU.
+        in blocks of 512, queries in blocks of 1024), ``blocked`` (exact attention by
+        blocks of 64 queries, causal models skipping the keys after each block, the
+        probabilities kept for the backward pass: the fastest on CPU), ``xla`` /
+        ``cudnn`` (``jax.nn.dot_product_attention``), or ``auto``: cuDNN (or XLA) on
+        GPU; on CPU ``blocked`` while one layer's [batch, heads, seq, seq] float32
+        scores fit 64 MiB, else ``flash``; ``flash`` on TPU.
       quantize: store the frozen kernels of the linear layers in the layer stack
         quantized (QLoRA-style; embeddings, norms and LM head stay in ``dtype``):
         ``nf4`` (4-bit NormalFloat, bf16 absmax per block of 64) or ``int8``; null = no
@@ -336,7 +340,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPES,
     "model.compute_dtype": DTYPES,
     "model.remat": ("none", "dots", "full", "offload"),
-    "model.attention": ("auto", "flash", "xla", "cudnn"),
+    "model.attention": ("auto", "flash", "blocked", "xla", "cudnn"),
     "model.quantize": ("int8", "nf4"),
     "data.format": FORMATS,
     "data.truncation_side": ("right", "left"),

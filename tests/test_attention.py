@@ -1,11 +1,13 @@
-"""Flash attention (jaxtune.models.attention) against jax.nn.dot_product_attention's XLA path."""
+"""Flash and blocked attention (jaxtune.models.attention) against jax.nn.dot_product_attention's
+XLA path."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.models.attention import flash_attention
+import jaxtune.models.layers as layers
+from jaxtune.models.attention import blocked_attention, flash_attention
 from jaxtune.models.layers import attention_mask, dot_product_attention
 
 B, T, N, K, H = 2, 37, 4, 2, 16
@@ -127,3 +129,88 @@ def test_query_blocks_bound_the_score_blocks():
     assert float_blocks(hlo(None), t), "the check itself must see [.., 128, 32] blocks"
     assert not float_blocks(hlo(16), t)
     assert float_blocks(hlo(16), 16)
+
+
+def _encoder_mask():
+    """A non-causal mask (padding + packed segments), as an encoder's."""
+    idx = jnp.broadcast_to(jnp.arange(T), (B, T))
+    valid = jnp.ones((B, T), jnp.int32).at[1, 30:].set(0)
+    seg = jnp.concatenate([jnp.ones((B, 20), jnp.int32), jnp.full((B, T - 20), 2, jnp.int32)], 1)
+    return attention_mask(idx, idx, valid, seg, seg, causal=False)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block", [8, 16, 64])
+def test_blocked_matches_xla_values_and_gradients(softcap, causal, block):
+    # Blocks of 8/16 do not divide T=37 (a short last block); 64 is one block. The
+    # causal mask also pads, packs segments and slides a window; the encoder mask
+    # pads the end of row 1 (its padded queries still see the valid keys).
+    q, k, v, w, mask = _inputs()
+    if not causal:
+        mask = _encoder_mask()
+    blocked = lambda q, k, v: blocked_attention(  # noqa: E731
+        q, k, v, mask, scale=H**-0.5, softcap=softcap, causal=causal, block=block
+    )
+    ref = lambda q, k, v: _reference(q, k, v, mask, softcap)  # noqa: E731
+    np.testing.assert_allclose(blocked(q, k, v), ref(q, k, v), atol=2e-6)
+    grads = [
+        jax.grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
+        for f in (blocked, ref)
+    ]
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=5e-6)
+
+
+def test_blocked_fully_masked_rows_are_zero_with_zero_gradient_and_dtype_kept():
+    q, k, v, w, mask = _inputs()
+    out = blocked_attention(q, k, v, mask, scale=H**-0.5, causal=True, block=16)
+    assert bool(jnp.isfinite(out).all())
+    np.testing.assert_array_equal(out[1, :5], 0.0)
+    dq = jax.grad(
+        lambda q: jnp.sum(blocked_attention(q, k, v, mask, scale=H**-0.5, causal=True) * w)
+    )(q)
+    assert bool(jnp.isfinite(dq).all())
+    np.testing.assert_array_equal(dq[1, :5], 0.0)
+    assert float(jnp.abs(dq[1, 5:]).max()) > 0
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    out = blocked_attention(qb, kb, vb, mask, scale=H**-0.5, causal=True, block=16)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), _reference(q, k, v, mask, None), atol=3e-2)
+
+
+def test_blocked_causal_skips_the_keys_after_each_block():
+    # T = 128 in blocks of 32: causal block i scores only keys [0, 32 (i + 1)); without
+    # ``causal`` every block scores all 128 keys.
+    t = 128
+    q, kv = jnp.ones((1, t, N, H)), jnp.ones((1, t, K, H))
+    idx = jnp.arange(t)[None]
+    mask = attention_mask(idx, idx)
+
+    def hlo(causal):
+        def loss(q, k, v):
+            return jnp.sum(blocked_attention(q, k, v, mask, scale=0.25, causal=causal, block=32))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile().as_text()
+
+    def widths(text):
+        return {s for s in (32, 64, 96, 128) if {x for x in _shapes(text, 32, s) if x[0] == "f"}}
+
+    assert widths(hlo(True)) == {32, 64, 96, 128}
+    assert widths(hlo(False)) == {128}
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        blocked_attention(q[:, :64], kv, kv, mask[:, :, :64], scale=0.25, causal=True)
+
+
+def test_auto_is_blocked_on_cpu_while_the_scores_are_small(monkeypatch):
+    # auto = blocked (no custom_vjp) for small scores, flash (custom_vjp) beyond the cap.
+    q, k, v, _, mask = _inputs()
+
+    def jaxpr():
+        f = lambda q: dot_product_attention(q, k, v, mask, scale=0.25, causal=True)  # noqa: E731
+        return str(jax.make_jaxpr(f)(q))
+
+    assert jax.default_backend() == "cpu"
+    assert "custom_vjp" not in jaxpr()
+    monkeypatch.setattr(layers, "BLOCKED_MAX_BYTES", B * N * T * T * 4 - 1)
+    assert "custom_vjp" in jaxpr()

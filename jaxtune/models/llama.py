@@ -254,7 +254,13 @@ class Attention(nnx.Module):
             kv = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         out = dot_product_attention(
-            q, k, v, mask, scale=cfg.head_dim**-0.5, implementation=cfg.attention_impl
+            q,
+            k,
+            v,
+            mask,
+            scale=cfg.head_dim**-0.5,
+            implementation=cfg.attention_impl,
+            causal=kv is None,
         )
         return self.o_proj(out.reshape(b, t, -1), r[3]), kv
 

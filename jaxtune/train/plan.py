@@ -302,6 +302,9 @@ def plan(
     data, fsdp, tensor = validate_against_devices(cfg, len(devices), processes)
     mesh = make_mesh(data, fsdp, tensor, devices)
     model_cfg = model_config(cfg, preset)
+    if getattr(model_cfg, "attention_impl", None) == "auto" and devices[0].platform == "tpu":
+        # ``auto`` follows the backend running the code, and a TPU plan runs on a CPU host.
+        model_cfg = model_cfg.replace(attention_impl="flash")
     # The trainer's own task and setup: same model (a classifier's head included),
     # trainable filter, optimizer, loss, shardings and donation.
     task = task_for(cfg)
