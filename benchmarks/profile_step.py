@@ -41,8 +41,42 @@ _SRC = re.compile(r'source_file="([^"]+)" source_line=(\d+)')
 _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 
 
+_TABLE_ROW = re.compile(r"^(\d+) (.*)$")
+
+
+def _frames(text: str) -> dict[str, str]:
+    """The HLO's stack-frame tables -> {stack_frame_id: "file.py:line"} (innermost frame)."""
+    tables: dict[str, dict[str, str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line, {})
+            continue
+        m = _TABLE_ROW.match(line) if current is not None else None
+        if not m:
+            current = (
+                None
+                if not line.strip() or line.startswith(("%", "ENTRY", "HloModule"))
+                else current
+            )
+            continue
+        current[m.group(1)] = m.group(2)
+    files = {k: Path(v.strip('"')).name for k, v in tables.get("FileNames", {}).items()}
+    locs = {}
+    for k, v in tables.get("FileLocations", {}).items():
+        f, ln = re.search(r"file_name_id=(\d+)", v), re.search(r"line=(\d+)", v)
+        if f and ln:
+            locs[k] = f"{files.get(f.group(1), '?')}:{ln.group(1)}"
+    out = {}
+    for k, v in tables.get("StackFrames", {}).items():
+        loc = re.search(r"file_location_id=(\d+)", v)
+        out[k] = locs.get(loc.group(1), "") if loc else ""
+    return out
+
+
 def parse_hlo(text: str) -> dict[str, dict]:
-    """Compiled HLO text -> {instruction name: {"op", "ops" (inside a fusion), "jax"}}."""
+    """Compiled HLO text -> {instruction name: {"op", "ops" (inside a fusion), "jax", "src"}}."""
+    frames = _frames(text)
     comps: dict[str, list[str]] = {}
     instrs: dict[str, dict] = {}
     current = None
@@ -61,12 +95,17 @@ def parse_hlo(text: str) -> dict[str, dict]:
         calls = _CALLS.search(line)
         jax_op = _OPNAME.search(line)
         src = _SRC.search(line)
+        frame = re.search(r"stack_frame_id=(\d+)", line)
         instrs[name] = {
             "op": op,
             "shape": re.sub(r"\{[^}]*\}", "", shape),
             "calls": calls.group(1) if calls else None,
             "jax": jax_op.group(1) if jax_op else "",
-            "src": f"{Path(src.group(1)).name}:{src.group(2)}" if src else "",
+            "src": f"{Path(src.group(1)).name}:{src.group(2)}"
+            if src
+            else frames.get(frame.group(1), "")
+            if frame
+            else "",
         }
     for info in instrs.values():
         info["ops"] = set(comps.get(info["calls"], [])) if info["calls"] else {info["op"]}
@@ -196,14 +235,14 @@ def main(argv: list[str]) -> int:
     for k, ms in sorted(s["by_kind"].items(), key=lambda kv: -kv[1]):
         lines.append(f"| {k} | {ms:.1f} | {100 * ms / total:.1f}% |")
     lines += ["", f"Top {args.top} instructions:", "",
-              "| HLO instruction | kind | wall ms / step | calls / step | result | JAX op |", "|---|---|---|---|---|---|"]  # fmt: skip
+              "| HLO instruction | kind | wall ms / step | calls / step | result | source | JAX op |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for op, ms in sorted(s["by_op"].items(), key=lambda kv: -kv[1])[: args.top]:
         info_op = hlo.get(op)
         jax_op = (info_op or {}).get("jax", "")
         jax_op = re.sub(r"^jit\([^)]*\)/", "", jax_op).replace("while/body/closed_call/", "")
         lines.append(
             f"| {op} | {kind_of(op, info_op)} | {ms:.1f} | "
-            f"{s['count'][op] / args.steps:.0f} | {(info_op or {}).get('shape', '')} | {jax_op[-70:]} |"
+            f"{s['count'][op] / args.steps:.0f} | {(info_op or {}).get('shape', '')} | {(info_op or {}).get('src', '')} | {jax_op[-60:]} |"
         )
     text = "\n".join(lines)
     print(text)
