@@ -34,6 +34,18 @@ def _reference(q, k, v, mask, softcap):
     return jnp.where(seen, out, 0.0)
 
 
+def _assert_matches_xla(attn, q, k, v, w, mask, softcap):
+    """``attn(q, k, v)``: values and q/k/v gradients of a weighted sum equal XLA's."""
+    ref = lambda q, k, v: _reference(q, k, v, mask, softcap)  # noqa: E731
+    np.testing.assert_allclose(attn(q, k, v), ref(q, k, v), atol=2e-6)
+    grads = [
+        jax.grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
+        for f in (attn, ref)
+    ]
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=5e-6)
+
+
 @pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize(("chunk", "q_chunk"), [(None, None), (8, None), (16, 10), (64, 8)])
 def test_flash_matches_xla_values_and_gradients(softcap, chunk, q_chunk):
@@ -43,14 +55,7 @@ def test_flash_matches_xla_values_and_gradients(softcap, chunk, q_chunk):
     flash = lambda q, k, v: flash_attention(  # noqa: E731
         q, k, v, mask, scale=H**-0.5, softcap=softcap, chunk=chunk, q_chunk=q_chunk
     )
-    ref = lambda q, k, v: _reference(q, k, v, mask, softcap)  # noqa: E731
-    np.testing.assert_allclose(flash(q, k, v), ref(q, k, v), atol=2e-6)
-    grads = [
-        jax.grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
-        for f in (flash, ref)
-    ]
-    for got, want in zip(*grads, strict=True):
-        np.testing.assert_allclose(got, want, atol=5e-6)
+    _assert_matches_xla(flash, q, k, v, w, mask, softcap)
 
 
 def test_fully_masked_rows_are_zero_with_zero_gradient():
@@ -152,14 +157,7 @@ def test_blocked_matches_xla_values_and_gradients(softcap, causal, block):
     blocked = lambda q, k, v: blocked_attention(  # noqa: E731
         q, k, v, mask, scale=H**-0.5, softcap=softcap, causal=causal, block=block
     )
-    ref = lambda q, k, v: _reference(q, k, v, mask, softcap)  # noqa: E731
-    np.testing.assert_allclose(blocked(q, k, v), ref(q, k, v), atol=2e-6)
-    grads = [
-        jax.grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
-        for f in (blocked, ref)
-    ]
-    for got, want in zip(*grads, strict=True):
-        np.testing.assert_allclose(got, want, atol=5e-6)
+    _assert_matches_xla(blocked, q, k, v, w, mask, softcap)
 
 
 def test_blocked_fully_masked_rows_are_zero_with_zero_gradient_and_dtype_kept():
