@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxtune.models.layers as layers
-from jaxtune.models.attention import blocked_attention, flash_attention
-from jaxtune.models.layers import attention_mask, dot_product_attention
+import jaxtune.models.attention as attention
+from jaxtune.models.attention import blocked_attention, dot_product_attention, flash_attention
+from jaxtune.models.layers import attention_mask
 
 B, T, N, K, H = 2, 37, 4, 2, 16
 
@@ -210,5 +210,5 @@ def test_auto_is_blocked_on_cpu_while_the_scores_are_small(monkeypatch):
 
     assert jax.default_backend() == "cpu"
     assert "custom_vjp" not in jaxpr()
-    monkeypatch.setattr(layers, "BLOCKED_MAX_BYTES", B * N * T * T * 4 - 1)
+    monkeypatch.setattr(attention, "BLOCKED_MAX_BYTES", B * N * T * T * 4 - 1)
     assert "custom_vjp" in jaxpr()

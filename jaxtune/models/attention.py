@@ -29,6 +29,18 @@ import jax.numpy as jnp
 
 _F32 = jnp.float32
 
+# Keys per block of the flash path: [B, N, T, 512] float32 scores at most per block.
+FLASH_CHUNK = 512
+# Queries per flash block: bounds the float32 score blocks (2 x 2048 tokens of Llama 8B:
+# 256 -> 128 MiB each); the 8B QLoRA plan's peak was lowest at 1024 (512: XLA kept more).
+FLASH_Q_CHUNK = 1024
+# ``auto`` on CPU: the blocked path (probabilities kept for the backward pass) while one
+# layer's full [B, N, T, S] float32 scores stay within this; flash beyond it.
+BLOCKED_MAX_BYTES = 64 << 20
+# Queries per block of the blocked path (bench-tiny per-layer fwd+bwd on an AVX-512 EPYC,
+# T=256: 32 -> 39 ms, 64 -> 37, 128 -> 42; T=512: 155 / 131 / 136 ms).
+BLOCKED_Q_BLOCK = 64
+
 
 def flash_attention(
     q: jax.Array,
@@ -235,7 +247,7 @@ def blocked_attention(
     89 ms for :func:`flash_attention` and 80 ms for ``jax.nn.dot_product_attention``
     (torch's SDPA: 32 ms). The probabilities (about half of [B, N, T, S] float32 when
     causal) are kept for the backward pass, so this is for lengths where they are
-    small; :func:`jaxtune.models.layers.dot_product_attention` chooses.
+    small; :func:`dot_product_attention` chooses.
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, K, H], N a multiple of K (grouped queries).
@@ -278,3 +290,67 @@ def blocked_attention(
         outs.append(o / jnp.where(den > 0, den, 1.0))
     out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]  # [B, K, G, T, H]
     return jnp.moveaxis(out, 3, 1).reshape(b, t, n, h).astype(q.dtype)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    implementation: str | None = None,
+    causal: bool = False,
+) -> jax.Array:
+    """Grouped-query attention.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K.
+      mask: bool [B, 1, T, S].
+      scale: multiplier of q·k.
+      softcap: Gemma 2 style ``tanh`` capping of the scores (every path).
+      implementation: ``flash`` (jaxtune.models.attention: no stored [B, N, T, S]
+        probabilities, keys in blocks of ``FLASH_CHUNK``, queries of ``FLASH_Q_CHUNK``),
+        ``blocked`` (exact, by blocks of ``BLOCKED_Q_BLOCK`` queries, probabilities kept:
+        the fastest on CPU), ``xla`` / ``cudnn`` (``jax.nn.dot_product_attention``), or
+        None / ``auto``: cuDNN-or-XLA on GPU; on CPU ``blocked`` while one layer's
+        [B, N, T, S] float32 scores fit ``BLOCKED_MAX_BYTES``, else ``flash``; ``flash``
+        on TPU.
+      causal: T == S in one index space (no cache) and key s > t always masked: the
+        blocked path then skips those keys (the mask is applied all the same).
+
+    Returns:
+      [B, T, N, H] in q's dtype. Fully masked query rows give zeros (``flash``, ``blocked``).
+    """
+    impl = implementation or "auto"
+    if impl == "auto":
+        backend = jax.default_backend()
+        scores = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] * 4
+        if backend == "gpu":
+            impl = "gpu"
+        elif backend == "cpu" and scores <= BLOCKED_MAX_BYTES:
+            impl = "blocked"
+        else:
+            impl = "flash"
+    if impl == "flash":
+        return flash_attention(
+            q, k, v, mask, scale=scale, softcap=softcap, chunk=FLASH_CHUNK, q_chunk=FLASH_Q_CHUNK
+        )
+    if impl == "blocked":
+        return blocked_attention(
+            q, k, v, mask, scale=scale, softcap=softcap, causal=causal, block=BLOCKED_Q_BLOCK
+        )
+    if softcap is None:
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=scale, implementation=None if impl == "gpu" else impl
+        )
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * scale
+    scores = jnp.tanh(scores / softcap) * softcap
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)

@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune.models.attention import dot_product_attention
 from jaxtune.models.layers import (
     Embed,
     LayerNorm,
     Linear,
     attention_mask,
-    dot_product_attention,
     token_blocked,
 )
 from jaxtune.models.llama import REMAT_POLICIES, named_layer_input

@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune.models.attention import dot_product_attention
 from jaxtune.models.layers import (
     Embed,
     Linear,
     RMSNorm,
     apply_rope,
-    dot_product_attention,
     rope_cos_sin,
     rope_inv_freq,
     token_blocked,

@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune.models.attention import dot_product_attention
 from jaxtune.models.layers import (
     Embed,
     LayerNorm,
     Linear,
-    dot_product_attention,
     param,
     token_blocked,
 )

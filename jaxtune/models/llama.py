@@ -19,13 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxtune.models.attention import dot_product_attention
 from jaxtune.models.layers import (
     Embed,
     Linear,
     RMSNorm,
     apply_rope,
     attention_mask,
-    dot_product_attention,
     rope_cos_sin,
     rope_inv_freq,
     token_blocked,
