@@ -154,7 +154,11 @@ def bench_mode(mode: str, args, model_path: str, scratch: Path) -> dict:
         label = "jaxtune" + ("" if len(scans) == 1 else (" scan" if scan else " unrolled"))
         sides.append((label, "jax", {**base, "scan": scan}))
     for name, overrides in args.variant:  # more jaxtune columns, timed against the first
-        sides.append((f"jaxtune {name}", "jax", {**base, "scan": scans[0], "set": overrides}))
+        env = {k[4:]: str(v) for k, v in overrides.items() if k.startswith("env.")}
+        sets = {k: v for k, v in overrides.items() if not k.startswith("env.")}
+        sides.append(
+            (f"jaxtune {name}", "jax", {**base, "scan": scans[0], "set": sets, "env": env})
+        )
     torch_label = {"lora": "HF + PEFT", "qlora": "HF + PEFT + bnb NF4"}.get(mode, "HF")
     torch_spec = {**base, "torch_compile": args.torch_compile, "omp_wait_policy": args.omp_wait}
     if mode != "qlora" or args.device == "gpu":  # bitsandbytes' 4-bit kernels need CUDA
@@ -312,7 +316,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--variant", action="append", default=[], type=variant,
                     metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                     help="one more jaxtune column with these config overrides, e.g. "
-                         "mlp4:model.mlp_chunks=4 (repeatable)")  # fmt: skip
+                         "mlp4:model.mlp_chunks=4; env.VAR=VALUE sets an environment "
+                         "variable, e.g. glibc:env.JAXTUNE_MALLOC=system (repeatable)")  # fmt: skip
     ap.add_argument("--torch-compile", action="store_true", help="torch.compile the HF model")
     ap.add_argument("--omp-wait", default="PASSIVE",
                     help="torch worker's OMP_WAIT_POLICY ('' = libgomp's default spinning)")  # fmt: skip

@@ -190,6 +190,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--hlo", help="also write the compiled HLO text here")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # As the `jaxtune` command does before jax starts (JAXTUNE_MALLOC=system: glibc's own).
+    from jaxtune.malloc import keep_freed_memory
+
+    keep_freed_memory()
     import jax
     from train_workers import JaxSide
 

@@ -97,7 +97,8 @@ class JaxSide:
         setup = setup_step(task, model, mesh, 1000)
         del model
         self.frozen = setup.frozen
-        self.info = {"trainable": setup.info["trainable"], "total": setup.info["total"]}
+        self.info = {"trainable": setup.info["trainable"], "total": setup.info["total"],
+                     "malloc_kept": spec.get("malloc_kept")}  # fmt: skip
         self.state = make_state(0, setup.params, setup.opt_state, cfg.train.seed, mesh)
         self.step_fn = setup.step_fn
         del setup
@@ -261,6 +262,12 @@ def main(argv: list[str]) -> int:
     def reply(obj: dict) -> None:
         proto.write(json.dumps(obj) + "\n")
 
+    os.environ.update(spec.get("env", {}))  # bench_train.py --variant NAME:env.VAR=VALUE
+    if side_name == "jax":
+        # What the `jaxtune` command does at start-up, before jax starts its threads.
+        from jaxtune.malloc import keep_freed_memory
+
+        spec["malloc_kept"] = keep_freed_memory()
     side = (JaxSide if side_name == "jax" else TorchSide)(spec)
     t0 = time.perf_counter()
     first_loss = side.step()  # jax: compiles again only if lower().compile() was not reused

@@ -74,3 +74,18 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
 def test_version():
     code, out, _ = run("--version")
     assert code == 0 and out.startswith("jaxtune ")
+
+
+def test_malloc_is_set_before_the_command_imports_jax(monkeypatch, tmp_path):
+    import jaxtune.cli as cli
+
+    seen = []
+
+    def record():
+        # The command's module (which imports jax) is imported after this call.
+        seen.append(COMMANDS["data"] in sys.modules)
+
+    monkeypatch.setattr(cli, "keep_freed_memory", record)
+    monkeypatch.delitem(sys.modules, COMMANDS["data"], raising=False)
+    assert main(["data", "inspect", str(tmp_path / "missing.yaml")]) == 2
+    assert seen == [False]

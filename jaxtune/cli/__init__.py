@@ -21,6 +21,7 @@ import sys
 from jaxtune import __version__
 from jaxtune.cli import parsers
 from jaxtune.errors import JaxtuneError
+from jaxtune.malloc import keep_freed_memory
 
 # The module that runs each command, in the order of ``jaxtune --help``.
 COMMANDS = {
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    # Before the command's module imports jax and XLA starts its threads (jaxtune.malloc).
+    keep_freed_memory()
     try:
         # The only import of a command's module, made when that command runs: the module
         # imports jax and the code it drives, so importing it only here keeps
