@@ -19,11 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtune.api import from_pretrained, load_tokenizer
-from jaxtune.config import load_config
-from jaxtune.eval.scoring import classification_metrics, classify_by_verbalizer
-from jaxtune.resources import resolve_path
-from jaxtune.train.loop import train
+from jaxtune.malloc import keep_freed_memory
+
+# As the `jaxtune` command does, before jax starts its threads (README: CPU memory vs speed).
+keep_freed_memory()
+
+from jaxtune.api import from_pretrained, load_tokenizer  # noqa: E402
+from jaxtune.config import load_config  # noqa: E402
+from jaxtune.eval.scoring import classification_metrics, classify_by_verbalizer  # noqa: E402
+from jaxtune.resources import resolve_path  # noqa: E402
+from jaxtune.train.loop import train  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 LABELS = [" negative", " positive"]
