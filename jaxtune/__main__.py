@@ -1,5 +1,5 @@
 """``python -m jaxtune`` entry point."""
 
-from jaxtune.cli import main
+from jaxtune.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

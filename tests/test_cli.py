@@ -76,7 +76,7 @@ def test_version():
     assert code == 0 and out.startswith("jaxtune ")
 
 
-def test_malloc_is_set_before_the_command_imports_jax(monkeypatch, tmp_path):
+def test_malloc_is_set_by_the_entry_point_before_the_command_imports_jax(monkeypatch, tmp_path):
     import jaxtune.cli as cli
 
     seen = []
@@ -87,5 +87,9 @@ def test_malloc_is_set_before_the_command_imports_jax(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cli, "keep_freed_memory", record)
     monkeypatch.delitem(sys.modules, COMMANDS["data"], raising=False)
-    assert main(["data", "inspect", str(tmp_path / "missing.yaml")]) == 2
+    monkeypatch.setattr(sys, "argv", ["jaxtune", "data", "inspect", str(tmp_path / "x.yaml")])
+    assert cli.entry() == 2
+    assert seen == [False]
+    # main() alone (a program or a test calling it in-process) leaves malloc alone.
+    assert main(["data", "inspect", str(tmp_path / "x.yaml")]) == 2
     assert seen == [False]

@@ -141,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    # Before the command's module imports jax and XLA starts its threads (jaxtune.malloc).
-    keep_freed_memory()
     try:
         # The only import of a command's module, made when that command runs: the module
         # imports jax and the code it drives, so importing it only here keeps
@@ -157,3 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def entry() -> int:
+    """The ``jaxtune`` executable and ``python -m jaxtune``: the process is the CLI's own.
+
+    Sets glibc's malloc (:mod:`jaxtune.malloc`) before the command's module imports jax
+    and XLA starts its threads, then runs :func:`main`. ``main`` itself leaves the
+    process's allocator alone: a program or test that calls it keeps its own settings.
+    """
+    keep_freed_memory()
+    return main()
+
