@@ -30,6 +30,7 @@ from jaxtune.data.chat import ChatEncoder
 from jaxtune.data.config import DataConfig
 from jaxtune.data.encoding import Encoded, Encoder, prefix_error
 from jaxtune.data.loaders import Record, RowError, _one_line
+from jaxtune.data.preference import PreferenceEncoder
 from jaxtune.errors import DataError
 
 TEMPLATES = {
@@ -180,7 +181,9 @@ def make_encoder(cfg: DataConfig, tokenizer, label_names: list[str] | None = Non
         if label_names is None:
             raise DataError("classification needs label names (data.labels or from data.train)")
         return ClassificationEncoder(cfg, tokenizer, label_names)
+    if cfg.format == "preference":
+        return PreferenceEncoder(cfg, tokenizer, label_names)
     raise DataError(
-        f"data.format = {cfg.format!r}; expected instruction, chat, completion, text or "
-        "classification"
+        f"data.format = {cfg.format!r}; expected instruction, chat, completion, text, "
+        "classification or preference"
     )
