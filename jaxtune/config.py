@@ -1,7 +1,8 @@
 """Run configuration: frozen dataclass schemas, YAML loading, dotted overrides, validation.
 
-A run config is a YAML file with up to ten sections (``model``, ``data``, ``peft``, ``optim``,
-``train``, ``mesh``, ``checkpoint``, ``eval``, ``logging``, ``run``), plus ``key=value``
+A run config is a YAML file with up to eleven sections (``model``, ``data``, ``peft``,
+``optim``, ``train``, ``preference``, ``mesh``, ``checkpoint``, ``eval``, ``logging``,
+``run``), plus ``key=value``
 overrides from the command line (``train.steps=10``, ``peft.targets=[q_proj,v_proj]``,
 ``model.path=null``). Everything is checked before any work starts: a bad key, type or
 value raises :class:`~jaxtune.errors.ConfigError` with one line naming the file (and line),
