@@ -282,6 +282,17 @@ def test_lora_dpo_keeps_one_copy_of_the_base_and_its_reference_is_the_base(hf):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     policy = dpo_task.completion_logps(dpo, batch, None)
     assert np.abs(np.asarray(policy - want)).max() > 1e-2
+    # DoRA and bottleneck adapters switch off alike: the reference is the base model.
+    for peft in ({**lora, "method": "dora"}, {"method": "adapter", "adapter_size": 4}):
+        model = TASKS["dpo"](config(root, "dpo", peft=peft)).build_model(mesh)
+        perturb(model)
+        for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):  # adapters' up = 0
+            if v.get_value().ndim and not np.any(np.asarray(v.get_value())):
+                v.set_value(v.get_value() + 0.1)
+        got = dpo_task.completion_logps(reference_model(model), batch, None)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=peft["method"])
+        moved = dpo_task.completion_logps(model, batch, None)
+        assert np.abs(np.asarray(moved - want)).max() > 1e-3, peft["method"]
     # Full fine-tuning keeps exactly one frozen copy of the weights for the reference.
     full = TASKS["dpo"](config(root, "dpo")).build_model(mesh)
     copies = nbytes(getattr(full, REFERENCE_ATTR))

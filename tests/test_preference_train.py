@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ from jaxtune.cli import main
 from jaxtune.config import load_config
 from jaxtune.train import testing as T
 from jaxtune.train.loop import train
+from jaxtune.train.plan import plan
 from jaxtune.verify import numpy_logits
 
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
@@ -101,6 +103,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
 os.environ["JAX_PLATFORMS"] = "cpu"
 from jaxtune.config import load_config
 from jaxtune.train.loop import train
+from jaxtune.train.plan import plan
 train(load_config(sys.argv[1], sys.argv[2:]))
 """
 
@@ -158,3 +161,12 @@ def test_orpo_run_exports_merged_and_as_peft_adapter(tmp_path, tiny):
     np.testing.assert_allclose(merged, trained, atol=1e-5)
     base = numpy_logits(jaxtune.from_pretrained(tiny[0]), ids)
     assert np.abs(trained - base).max() > 1e-4  # the run changed the model
+
+
+def test_plan_compiles_full_dpo_with_its_frozen_reference_copy(tiny):
+    over = [f"model.path={tiny[0]}", "peft.method=full", "train.steps=2", "train.seq_len=16"]
+    over += ["train.batch_size=2", "train.objective=dpo", "data.format=preference"]
+    p = plan(load_config(None, over), jax.devices()[:1], target="cpu")
+    weights = 4 * p.params["total"]  # float32
+    # Arguments: weights, Adam's two moments, the reference copy, and 2 x 2 batch lines.
+    assert 4 * weights < p.argument_bytes < 4 * weights + 4096
