@@ -171,7 +171,8 @@ class TrainConfig:
       steps: number of optimizer steps (set exactly one of ``steps`` and ``epochs``).
       epochs: passes over the training split, may be fractional.
       batch_size: global examples per forward/backward pass, summed over all devices; one
-        optimizer step sees ``batch_size * grad_accum`` examples.
+        optimizer step sees ``batch_size * grad_accum`` examples (preference pairs for
+        the preference objectives: two sequences each).
       seq_len: tokens per row (longer examples are truncated, shorter ones padded/packed).
       seed: the run seed; every random stream (init, dropout, data order) derives from it.
       grad_accum: micro-batches accumulated per optimizer step.

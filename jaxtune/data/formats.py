@@ -18,6 +18,9 @@ searching for it, which breaks when tokens merge across the boundary):
   the template adds after it (a newline) are not trained, since the model never generates
   them.
 
+* preference: a prompt and two completions, each side tokenized as prompt + completion
+  with the prompt's tokens as a checked prefix (:mod:`jaxtune.data.preference`).
+
 The base class and shared pieces are in :mod:`jaxtune.data.encoding`; chat rendering and
 the chat pre-flight checks (one BOS, a trained turn terminator) in :mod:`jaxtune.data.chat`.
 """
