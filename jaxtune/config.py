@@ -413,12 +413,6 @@ class _Builder:
                 "preference.label_smoothing",
                 f"applies to loss_type sigmoid, not {pref.loss_type}; remove it",
             )
-        if pref.precompute_ref:
-            self.fail(
-                "preference.precompute_ref",
-                "not implemented yet (the reference log-probabilities are computed inside "
-                "each step); remove it",
-            )
 
 
 # ---------------------------------------------------------------------- public API

@@ -223,8 +223,10 @@ class PreferenceConfig:
         DPO (``-(1-ε) log σ(βδ) - ε log σ(-βδ)``, TRL's sigmoid loss before 1.0) with
         ``loss_type: sigmoid``, and the same smoothing of SimPO's loss (TRL's CPO).
       simpo_gamma: SimPO's target reward margin γ.
-      precompute_ref: compute the reference log-probabilities once before training
-        (not implemented yet: the reference is computed inside each step).
+      precompute_ref: compute DPO's reference log-probabilities once before training (one
+        pass per split, cached under ``data.cache_dir`` keyed by the data and the
+        model's files): steps then skip the reference forward pass, and full
+        fine-tuning keeps no frozen copy of the weights.
     """
 
     beta: float | None = None

@@ -214,11 +214,11 @@ def config(**sections):
         ),
         (
             {
-                "train": {"objective": "dpo"},
+                "train": {"objective": "simpo"},
                 "data": {"format": "preference"},
                 "preference": {"precompute_ref": True},
             },
-            "preference.precompute_ref: not implemented yet",
+            "preference.precompute_ref=true has no effect with train.objective=simpo",
         ),
         (
             {"train": {"objective": "simpo"}, "data": {"format": "preference", "packing": True}},

@@ -144,6 +144,17 @@ def test_full_dpo_on_a_data_x_fsdp_mesh_matches_one_device(tmp_path, tiny):
             [r[k] for r in got], [r[k] for r in want], rtol=1e-5, atol=1e-6, err_msg=k
         )
     assert got[-1]["loss"] < got[0]["loss"]
+    # Reference log-probabilities precomputed once (and cached): the same run, no copy.
+    pre_dir = tmp_path / "pre"
+    over = ["mesh.data=2", "mesh.fsdp=4", f"run.dir={pre_dir}", "preference.precompute_ref=true"]
+    train(make_config(tmp_path / "x", tiny, *over, peft="{method: full}"))
+    cached = list((tmp_path / "cache" / "ref_logps").glob("train-*.npy"))
+    assert len(cached) == 1 and np.load(cached[0]).shape == (64,)  # 32 pairs, 2 sides
+    pre = rows(pre_dir)
+    for k in ("loss", "rewards/margins", "logps/chosen"):
+        np.testing.assert_allclose(
+            [r[k] for r in pre], [r[k] for r in want], rtol=1e-5, atol=1e-6, err_msg=k
+        )
 
 
 def test_orpo_run_exports_merged_and_as_peft_adapter(tmp_path, tiny):

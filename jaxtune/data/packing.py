@@ -88,7 +88,8 @@ def collate(ds, rows: Sequence[int], length: int) -> dict[str, np.ndarray]:
       ``labels`` (int32 [B]). See :mod:`jaxtune.data` for their meaning. A paired
       (preference) dataset gives each row two lines, chosen then rejected: arrays are
       [2B, T], pair ``k`` on lines ``2k`` and ``2k + 1`` (so a pair never straddles two
-      devices' shards of the batch).
+      devices' shards of the batch); with precomputed reference log-probabilities
+      (``ds.ref_logps``, float [N]) also ``ref_logps`` float32 [2B] (0 on padding).
     """
     lines: list = []  # per batch line: the examples it holds (None = padding)
     for r in rows:
@@ -105,6 +106,8 @@ def collate(ds, rows: Sequence[int], length: int) -> dict[str, np.ndarray]:
     positions = np.zeros((b_size, t_len), dtype=np.int32)
     segments = np.zeros((b_size, t_len), dtype=np.int32)
     labels = np.full((b_size,), -1, dtype=np.int32) if ds.labels is not None else None
+    ref = getattr(ds, "ref_logps", None)
+    ref_logps = np.zeros((b_size,), dtype=np.float32) if ref is not None else None
     for b, examples in enumerate(lines):
         if examples is None:
             continue
@@ -127,6 +130,8 @@ def collate(ds, rows: Sequence[int], length: int) -> dict[str, np.ndarray]:
             pos += n
         if labels is not None:
             labels[b] = ds.labels[examples[0]]
+        if ref_logps is not None:
+            ref_logps[b] = ref[examples[0]]
     batch = {
         "input_ids": input_ids,
         "targets": targets,
@@ -137,4 +142,6 @@ def collate(ds, rows: Sequence[int], length: int) -> dict[str, np.ndarray]:
     }
     if labels is not None:
         batch["labels"] = labels
+    if ref_logps is not None:
+        batch["ref_logps"] = ref_logps
     return batch

@@ -85,6 +85,8 @@ class TokenizedDataset:
         or paired).
       row_lengths: int64 [R] tokens a row needs on one batch line (the longer side of a
         pair).
+      ref_logps: float32 [N] reference log-probabilities of the examples' completions when
+        a preference task precomputed them (batches then carry ``ref_logps``), else None.
       seq_len: the longest a row can be.
       pad_id: id written into padding positions (masks, not ids, mark padding).
       stats: JSON-able build statistics (see :func:`build_datasets`).
@@ -115,6 +117,7 @@ class TokenizedDataset:
         self.length_buckets = tuple(cfg.length_buckets)
         self.packed = bool(cfg.packing)
         self.paired = bool(meta.get("paired", False))
+        self.ref_logps: np.ndarray | None = None
         lengths = self.lengths
         if self.paired:
             self.row_offsets = np.arange(0, len(lengths) + 1, 2, dtype=np.int64)

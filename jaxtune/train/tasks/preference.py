@@ -15,7 +15,9 @@ accumulation then averages those means over micro-batches, as TRL's does.
 
 DPO needs the reference model: the policy with adapters off, plus a frozen copy of the
 trainable base weights (all of them for ``peft.method: full``), see
-:mod:`jaxtune.peft.reference`. ORPO and SimPO need none.
+:mod:`jaxtune.peft.reference`; or, with ``preference.precompute_ref``, its log-probabilities
+computed once before training and read from the batch (``ref_logps``,
+:mod:`jaxtune.train.reference_logps`). ORPO and SimPO need none.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from jaxtune.models.losses import row_nll_sums
 from jaxtune.models.pair_losses import dpo_loss, orpo_loss, simpo_loss
 from jaxtune.peft.reference import attach_reference, reference_model
 from jaxtune.sharding import device_batch
+from jaxtune.train.reference_logps import reference_logps
 from jaxtune.train.task import Task, register
 from jaxtune.train.tasks.lm import LM_BATCH
 
@@ -129,21 +132,47 @@ class DPO(PreferenceTask):
 
     name = "dpo"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.precompute = bool(cfg.preference.precompute_ref)
+        self.datasets: dict = {}
+        if self.precompute:  # the reference log-probability of each line comes with it
+            self.batch_ndims = {**self.batch_ndims, "ref_logps": 1}
+
+    def prepare(self, datasets, previous_run):
+        super().prepare(datasets, previous_run)
+        self.datasets = datasets  # build_model scores them with the reference (precompute)
+
     def build_model(self, mesh):
         model = super().build_model(mesh)
-        attach_reference(model, self.trainable(model))
+        if not self.precompute:
+            attach_reference(model, self.trainable(model))
+        for ds in self.datasets.values() if self.precompute else ():
+            # Before any update the model is the reference (adapters are switched off).
+            ds.ref_logps = reference_logps(self, model, ds, mesh)
         return model
 
     def abstract_model(self, model_cfg):
         model = super().abstract_model(model_cfg)
-        attach_reference(model, self.trainable(model))
+        if not self.precompute:
+            attach_reference(model, self.trainable(model))
         return model
+
+    def abstract_batch(self, batch_size: int, seq_len: int, grad_accum: int = 1) -> dict:
+        out = super().abstract_batch(batch_size, seq_len, grad_accum)
+        if "ref_logps" in out:
+            out["ref_logps"] = jax.ShapeDtypeStruct(out["ref_logps"].shape, jnp.float32)
+        return out
 
     def pair_losses(self, model, batch, rng):
         logps = self.completion_logps(model, batch, rng)[0]
-        # The reference sees no dropout and passes no gradient (its trainable-looking
-        # weights are frozen copies; stop_gradient makes that explicit for XLA too).
-        ref = jax.lax.stop_gradient(self.completion_logps(reference_model(model), batch, None)[0])
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"].astype(jnp.float32)
+        else:
+            # The reference sees no dropout and passes no gradient (its trainable-looking
+            # weights are frozen copies; stop_gradient makes that explicit for XLA too).
+            ref = self.completion_logps(reference_model(model), batch, None)[0]
+            ref = jax.lax.stop_gradient(ref)
         n_c, n_r = _sides(batch["loss_weights"].sum(-1).astype(jnp.float32))
         p = self.cfg.preference
         return dpo_loss(
