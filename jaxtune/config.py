@@ -1,7 +1,8 @@
 """Run configuration: frozen dataclass schemas, YAML loading, dotted overrides, validation.
 
-A run config is a YAML file with up to ten sections (``model``, ``data``, ``peft``, ``optim``,
-``train``, ``mesh``, ``checkpoint``, ``eval``, ``logging``, ``run``), plus ``key=value``
+A run config is a YAML file with up to eleven sections (``model``, ``data``, ``peft``,
+``optim``, ``train``, ``preference``, ``mesh``, ``checkpoint``, ``eval``, ``logging``,
+``run``), plus ``key=value``
 overrides from the command line (``train.steps=10``, ``peft.targets=[q_proj,v_proj]``,
 ``model.path=null``). Everything is checked before any work starts: a bad key, type or
 value raises :class:`~jaxtune.errors.ConfigError` with one line naming the file (and line),
@@ -35,6 +36,7 @@ from jaxtune.config_schema import (
     CHOICES,
     DTYPES,
     PEFT_METHODS,
+    PREFERENCE_OBJECTIVES,
     RANGES,
     SECTIONS,
     UNFREEZE_GROUPS,
@@ -46,6 +48,7 @@ from jaxtune.config_schema import (
     ModelConfig,
     OptimConfig,
     PeftConfig,
+    PreferenceConfig,
     RunConfig,
     TrainConfig,
     config_to_dict,
@@ -55,7 +58,8 @@ from jaxtune.errors import ConfigError
 # fmt: off
 __all__ = [
     "APPLIES_TO", "CHOICES", "CheckpointConfig", "Config", "DTYPES", "EvalConfig",
-    "LoggingConfig", "MeshConfig", "ModelConfig", "OptimConfig", "PEFT_METHODS", "PeftConfig", "RANGES",
+    "LoggingConfig", "MeshConfig", "ModelConfig", "OptimConfig", "PEFT_METHODS", "PeftConfig",
+    "PreferenceConfig", "RANGES",
     "RunConfig", "SECTIONS", "TrainConfig", "UNFREEZE_GROUPS", "apply_overrides",
     "config_from_dict", "config_reference_markdown", "config_to_dict", "field_docs",
     "load_config", "resolve_mesh", "save_config", "validate_against_devices",
@@ -387,8 +391,28 @@ class _Builder:
             )
         if p.head == "classification" and cfg.eval.tasks:
             self.fail("eval.tasks", "LM evaluation tasks need peft.head=lm")
+        self.check_preference(cfg)
         if not cfg.run.dir:
             self.bad("run.dir", cfg.run.dir, "a non-empty directory path")
+
+    def check_preference(self, cfg: Config) -> None:
+        """Preference objectives train on preference pairs, and only they do."""
+        objective, fmt, pref = cfg.train.objective, cfg.data.format, cfg.preference
+        if (objective in PREFERENCE_OBJECTIVES) != (fmt == "preference"):
+            key = "data.format" if objective in PREFERENCE_OBJECTIVES else "train.objective"
+            self.fail(
+                key,
+                f"train.objective={objective} with data.format={fmt}: the preference "
+                f"objectives ({', '.join(PREFERENCE_OBJECTIVES)}) train on data.format="
+                "preference (prompt, chosen, rejected) and that data needs one of them",
+            )
+        if fmt == "preference" and cfg.data.packing:
+            self.fail("data.packing", "not supported with data.format=preference (pairs)")
+        if objective == "dpo" and pref.loss_type != "sigmoid" and pref.label_smoothing:
+            self.fail(
+                "preference.label_smoothing",
+                f"applies to loss_type sigmoid, not {pref.loss_type}; remove it",
+            )
 
 
 # ---------------------------------------------------------------------- public API

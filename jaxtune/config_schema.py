@@ -171,7 +171,8 @@ class TrainConfig:
       steps: number of optimizer steps (set exactly one of ``steps`` and ``epochs``).
       epochs: passes over the training split, may be fractional.
       batch_size: global examples per forward/backward pass, summed over all devices; one
-        optimizer step sees ``batch_size * grad_accum`` examples.
+        optimizer step sees ``batch_size * grad_accum`` examples (preference pairs for
+        the preference objectives: two sequences each).
       seq_len: tokens per row (longer examples are truncated, shorter ones padded/packed).
       seed: the run seed; every random stream (init, dropout, data order) derives from it.
       grad_accum: micro-batches accumulated per optimizer step.
@@ -184,7 +185,11 @@ class TrainConfig:
         jaxtune run directory; files jaxtune did not write are refused, never deleted).
       max_eval_batches: cap on validation batches per evaluation; null = the whole split.
       objective: the training task: ``sft`` (next-token loss on the trained tokens of
-        the data format). ``peft.head: classification`` selects ``classification``.
+        the data format), or preference tuning on ``data.format: preference`` pairs:
+        ``dpo`` (against the reference model: the policy with adapters off, or a frozen
+        copy of the weights for ``peft.method: full``), ``orpo`` or ``simpo`` (no
+        reference); see the ``preference`` section. ``peft.head: classification``
+        selects ``classification``.
     """
 
     steps: int | None = None
@@ -201,6 +206,34 @@ class TrainConfig:
     overwrite: bool = False
     max_eval_batches: int | None = None
     objective: str = "sft"
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """Preference tuning (``train.objective`` ``dpo``, ``orpo`` or ``simpo``); TRL's names.
+
+    Attributes:
+      beta: β: DPO's deviation from the reference (IPO's τ), ORPO's λ (TRL's ``beta``),
+        SimPO's reward scale; null = the objective's default: 0.1 for dpo and orpo
+        (TRL's DPOConfig / ORPOConfig), 2.0 for simpo (the SimPO paper's; TRL's
+        CPOConfig default of 0.1 is CPO's).
+      loss_type: DPO's loss: ``sigmoid`` (DPO), ``ipo`` (IPO, log-ratios averaged per
+        completion token as TRL does) or ``hinge`` (SLiC).
+      label_smoothing: ε, the probability that a pair's label is flipped: conservative
+        DPO (``-(1-ε) log σ(βδ) - ε log σ(-βδ)``, TRL's sigmoid loss before 1.0) with
+        ``loss_type: sigmoid``, and the same smoothing of SimPO's loss (TRL's CPO).
+      simpo_gamma: SimPO's target reward margin γ.
+      precompute_ref: compute DPO's reference log-probabilities once before training (one
+        pass per split, cached under ``data.cache_dir`` keyed by the data and the
+        model's files): steps then skip the reference forward pass, and full
+        fine-tuning keeps no frozen copy of the weights.
+    """
+
+    beta: float | None = None
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    precompute_ref: bool = False
 
 
 @dataclass(frozen=True)
@@ -310,6 +343,7 @@ class Config:
       peft: what is trained.
       optim: optimizer and schedule.
       train: run length, batch shape, cadences.
+      preference: preference-tuning objectives (dpo, orpo, simpo).
       mesh: device mesh.
       checkpoint: checkpointing.
       eval: evaluation tasks.
@@ -322,6 +356,7 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -330,6 +365,9 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 DTYPES = ("float32", "bfloat16", "float16")
 PEFT_METHODS = ("full", "lora", "dora", "adapter", "feature")
@@ -353,6 +391,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adamw", "adafactor", "sgd", "lion"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "checkpoint.best_mode": ("min", "max"),
+    "preference.loss_type": DPO_LOSS_TYPES,
 }
 
 # Keys that only do something for some values of another key: (that key, its values).
@@ -381,6 +420,11 @@ APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
     "optim.b2": ("optim.name", ("adamw", "lion")),
     "optim.eps": ("optim.name", ("adamw",)),
     "optim.momentum": ("optim.name", ("sgd",)),
+    "preference.beta": ("train.objective", PREFERENCE_OBJECTIVES),
+    "preference.loss_type": ("train.objective", ("dpo",)),
+    "preference.label_smoothing": ("train.objective", ("dpo", "simpo")),
+    "preference.simpo_gamma": ("train.objective", ("simpo",)),
+    "preference.precompute_ref": ("train.objective", ("dpo",)),
 }
 
 # Numeric ranges per dotted key: "> x", ">= x", or an interval "[a, b)" / "[a, b]".
@@ -388,13 +432,14 @@ _RANGE_GROUPS = {
     "> 0": """model.max_seq_len data.max_examples peft.rank peft.alpha peft.adapter_size
         peft.adapter_reduction optim.lr optim.eps optim.grad_clip train.steps train.epochs
         train.batch_size train.seq_len train.max_eval_batches eval.max_items
-        eval.max_new_tokens eval.batch_size""",
-    ">= 0": """model.loss_chunk data.split_seed peft.unfreeze_top_layers peft.head_hidden optim.warmup_steps
+        eval.max_new_tokens eval.batch_size preference.beta""",
+    ">= 0": """preference.simpo_gamma model.loss_chunk data.split_seed peft.unfreeze_top_layers peft.head_hidden optim.warmup_steps
         optim.weight_decay train.seed train.eval_every train.early_stopping_patience
         checkpoint.every eval.every eval.generate_samples eval.num_fewshot""",
     ">= 1": """model.mlp_chunks data.pad_to_multiple_of train.grad_accum train.log_every
         checkpoint.keep""",
     ">= 2": "peft.num_labels",
+    "[0, 0.5)": "preference.label_smoothing",
     "[0, 1)": """data.validation_fraction data.test_fraction peft.dropout optim.warmup_ratio
         optim.b1 optim.b2 optim.momentum""",
     "[0, 1]": "optim.min_lr_ratio",

@@ -78,6 +78,10 @@ FILES = {
     "empty.jsonl": "",
     "long.jsonl": _json_lines({"instruction": "Reverse: " + "alpha " * 40, "output": "beta"}),
     "chat.jsonl": _json_lines({"messages": [{"role": "user", "content": "alpha"}]}),
+    "pairs_bad.jsonl": _json_lines(
+        {"prompt": "Reverse: alpha beta", "chosen": " beta alpha", "rejected": " alpha beta"},
+        {"prompt": "Reverse: alpha", "chosen": " alpha"},
+    ),
     "labels.jsonl": _json_lines({"text": "alpha", "label": "pos"}, {"text": "beta", "label": 7}),
     "mc_bad.jsonl": _json_lines({"context": "alpha", "choices": ["beta", "gamma"], "label": 5}),
     "notes.txt": "my notes\n",

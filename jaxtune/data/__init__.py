@@ -34,6 +34,10 @@ longest row of the global batch rounded up to ``data.pad_to_multiple_of`` or the
   names in id order: ``dataset.label_names``.
 
 An empty padding row (all masks 0) only appears with ``drop_remainder=False``.
+
+Preference data (``data.format: preference``) batches B pairs as 2B lines: pair ``k`` is
+line ``2k`` (chosen) and ``2k + 1`` (rejected), each prompt + completion with
+``loss_weights`` on the completion only (:mod:`jaxtune.data.preference`).
 """
 
 from jaxtune.data.config import FORMATS, DataConfig

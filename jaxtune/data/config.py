@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-FORMATS = ("instruction", "chat", "completion", "text", "classification")
+FORMATS = ("instruction", "chat", "completion", "text", "classification", "preference")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ def canonical_fields(fmt: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         "completion": (("prompt", "completion"), ()),
         "text": (("text",), ()),
         "classification": (("text", "label"), ()),
+        "preference": (("chosen", "rejected"), ("prompt",)),
     }[fmt]
 
 

@@ -18,6 +18,9 @@ searching for it, which breaks when tokens merge across the boundary):
   the template adds after it (a newline) are not trained, since the model never generates
   them.
 
+* preference: a prompt and two completions, each side tokenized as prompt + completion
+  with the prompt's tokens as a checked prefix (:mod:`jaxtune.data.preference`).
+
 The base class and shared pieces are in :mod:`jaxtune.data.encoding`; chat rendering and
 the chat pre-flight checks (one BOS, a trained turn terminator) in :mod:`jaxtune.data.chat`.
 """
@@ -30,6 +33,7 @@ from jaxtune.data.chat import ChatEncoder
 from jaxtune.data.config import DataConfig
 from jaxtune.data.encoding import Encoded, Encoder, prefix_error
 from jaxtune.data.loaders import Record, RowError, _one_line
+from jaxtune.data.preference import PreferenceEncoder
 from jaxtune.errors import DataError
 
 TEMPLATES = {
@@ -180,7 +184,9 @@ def make_encoder(cfg: DataConfig, tokenizer, label_names: list[str] | None = Non
         if label_names is None:
             raise DataError("classification needs label names (data.labels or from data.train)")
         return ClassificationEncoder(cfg, tokenizer, label_names)
+    if cfg.format == "preference":
+        return PreferenceEncoder(cfg, tokenizer, label_names)
     raise DataError(
-        f"data.format = {cfg.format!r}; expected instruction, chat, completion, text or "
-        "classification"
+        f"data.format = {cfg.format!r}; expected instruction, chat, completion, text, "
+        "classification or preference"
     )

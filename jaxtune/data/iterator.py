@@ -45,6 +45,7 @@ class BatchIterator:
 
     Yields:
       dicts of numpy arrays, each [B / P, T] (``labels`` [B / P]); see :mod:`jaxtune.data`.
+      A paired (preference) dataset yields [2B / P, T]: B / P pairs, two lines each.
     """
 
     def __init__(
@@ -198,11 +199,15 @@ class BatchIterator:
 
 def padding_fraction(iterator: BatchIterator, epoch: int = 0) -> float:
     """Fraction of padding positions over one epoch's batches (from lengths only)."""
+    ds = iterator.dataset
+    # A preference pair fills two batch lines (chosen, rejected) of its own lengths.
+    paired = getattr(ds, "paired", False)
+    lines, tokens = (2, ds.lengths.reshape(-1, 2).sum(1)) if paired else (1, ds.row_lengths)
     pad = total = 0
     for step in range(iterator.steps_per_epoch):
         rows = iterator.global_rows(epoch, step)
         length = iterator.batch_length(rows)
         real = rows[rows >= 0]
-        total += len(rows) * length
-        pad += len(rows) * length - int(iterator.dataset.row_lengths[real].sum())
+        total += lines * len(rows) * length
+        pad += lines * len(rows) * length - int(tokens[real].sum())
     return pad / total if total else 0.0

@@ -85,9 +85,20 @@ def collate(ds, rows: Sequence[int], length: int) -> dict[str, np.ndarray]:
     Returns:
       ``input_ids``, ``targets``, ``attention_mask``, ``positions``, ``segment_ids``
       (int32 [B, T]), ``loss_weights`` (float32 [B, T]) and, for classification,
-      ``labels`` (int32 [B]). See :mod:`jaxtune.data` for their meaning.
+      ``labels`` (int32 [B]). See :mod:`jaxtune.data` for their meaning. A paired
+      (preference) dataset gives each row two lines, chosen then rejected: arrays are
+      [2B, T], pair ``k`` on lines ``2k`` and ``2k + 1`` (so a pair never straddles two
+      devices' shards of the batch); with precomputed reference log-probabilities
+      (``ds.ref_logps``, float [N]) also ``ref_logps`` float32 [2B] (0 on padding).
     """
-    b_size, t_len = len(rows), int(length)
+    lines: list = []  # per batch line: the examples it holds (None = padding)
+    for r in rows:
+        examples = None if r < 0 else ds.row_examples[ds.row_offsets[r] : ds.row_offsets[r + 1]]
+        if getattr(ds, "paired", False):
+            lines += [None, None] if examples is None else [examples[:1], examples[1:]]
+        else:
+            lines.append(examples)
+    b_size, t_len = len(lines), int(length)
     input_ids = np.full((b_size, t_len), ds.pad_id, dtype=np.int32)
     targets = np.full((b_size, t_len), ds.pad_id, dtype=np.int32)
     weights = np.zeros((b_size, t_len), dtype=np.float32)
@@ -95,16 +106,17 @@ def collate(ds, rows: Sequence[int], length: int) -> dict[str, np.ndarray]:
     positions = np.zeros((b_size, t_len), dtype=np.int32)
     segments = np.zeros((b_size, t_len), dtype=np.int32)
     labels = np.full((b_size,), -1, dtype=np.int32) if ds.labels is not None else None
-    for b, r in enumerate(rows):
-        if r < 0:
+    ref = getattr(ds, "ref_logps", None)
+    ref_logps = np.zeros((b_size,), dtype=np.float32) if ref is not None else None
+    for b, examples in enumerate(lines):
+        if examples is None:
             continue
         pos = 0
-        examples = ds.row_examples[ds.row_offsets[r] : ds.row_offsets[r + 1]]
         for seg, ex in enumerate(examples, start=1):
             start, end = int(ds.offsets[ex]), int(ds.offsets[ex + 1])
             n = end - start
             if pos + n > t_len:
-                raise ValueError(f"row {r} has more than {t_len} tokens")
+                raise ValueError(f"batch line {b} has more than {t_len} tokens")
             ids = ds.tokens[start:end]
             sl = slice(pos, pos + n)
             input_ids[b, sl] = ids
@@ -118,6 +130,8 @@ def collate(ds, rows: Sequence[int], length: int) -> dict[str, np.ndarray]:
             pos += n
         if labels is not None:
             labels[b] = ds.labels[examples[0]]
+        if ref_logps is not None:
+            ref_logps[b] = ref[examples[0]]
     batch = {
         "input_ids": input_ids,
         "targets": targets,
@@ -128,4 +142,6 @@ def collate(ds, rows: Sequence[int], length: int) -> dict[str, np.ndarray]:
     }
     if labels is not None:
         batch["labels"] = labels
+    if ref_logps is not None:
+        batch["ref_logps"] = ref_logps
     return batch

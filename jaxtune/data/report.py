@@ -49,10 +49,22 @@ def render_example(ds: TokenizedDataset, i: int, tokenizer) -> str:
     return out
 
 
+def _rendered(ds: TokenizedDataset, tokenizer) -> list[str]:
+    if not ds.paired:
+        return [render_example(ds, i, tokenizer) for i in range(min(NUM_RENDERED, ds.num_examples))]
+    return [
+        f"chosen:   {render_example(ds, 2 * k, tokenizer)}\n"
+        f"rejected: {render_example(ds, 2 * k + 1, tokenizer)}"
+        for k in range(min(NUM_RENDERED, len(ds)))
+    ]
+
+
 def split_report(ds: TokenizedDataset, batch_size: int, seed: int, tokenizer) -> dict[str, Any]:
-    """Numbers and rendered examples of one split."""
+    """Numbers and rendered examples of one split (preference: per pair, its longer side)."""
     s = dict(ds.stats)
     lengths = ds.full_lengths.astype(np.int64)
+    if ds.paired:  # a pair needs its longer side on one batch line
+        lengths = lengths.reshape(-1, 2).max(axis=1)
     targets = int(ds.offsets[-1]) - ds.num_examples  # the last token of each has no target
     it = BatchIterator(ds, min(batch_size, len(ds)), seed=seed, drop_remainder=False)
     s.update(
@@ -70,9 +82,7 @@ def split_report(ds: TokenizedDataset, batch_size: int, seed: int, tokenizer) ->
         source_files=ds.source_paths,
         held_out=ds.held_out,
         packed=ds.packed,
-        rendered=[
-            render_example(ds, i, tokenizer) for i in range(min(NUM_RENDERED, ds.num_examples))
-        ],
+        rendered=_rendered(ds, tokenizer),
     )
     if ds.label_names is not None:
         s["label_names"] = ds.label_names
@@ -103,6 +113,9 @@ _ROWS = [
     ("records read", "records", "{}"),
     ("examples", "examples", "{}"),
     ("rows (after packing)", "rows", "{}"),
+    ("preference pairs", "pairs", "{}"),
+    ("truncated pairs", "truncated_pairs", "{}"),
+    ("pairs with chosen == rejected", "identical_pairs", "{}"),
     ("skipped invalid", "skipped", "{}"),
     ("truncated", "truncated_pct", "{:.1f}%"),
     ("padding", "padding_pct", "{:.1f}%"),
@@ -132,7 +145,8 @@ def _table(report: dict[str, Any]) -> list[list[str]]:
     splits = list(report["splits"])
     rows = [["", *splits]]
     for title, key, fmt in _ROWS:
-        if key == "label_counts" and all("label_counts" not in report["splits"][s] for s in splits):
+        optional = ("label_counts", "pairs", "truncated_pairs", "identical_pairs")
+        if key in optional and all(key not in report["splits"][s] for s in splits):
             continue
         rows.append([title, *(_cell(report["splits"][s], key, fmt) for s in splits)])
     return rows

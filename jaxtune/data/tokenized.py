@@ -30,6 +30,7 @@ from jaxtune.data.encoding import Encoded, derive_label_names
 from jaxtune.data.formats import make_encoder
 from jaxtune.data.loaders import RowError, get_field
 from jaxtune.data.packing import pack_lengths, padded_length
+from jaxtune.data.preference import Pair, pair_examples
 from jaxtune.data.splits import SPLITS, SplitSource, hash_files, load_split
 from jaxtune.errors import DataError
 
@@ -77,8 +78,15 @@ class TokenizedDataset:
       label_names: class names in id order (classification) or None.
       hashes: uint64 [N] hash of each example's untruncated tokens.
       full_lengths: int32 [N] token count before truncation.
+      paired: preference pairs: examples ``2k`` (chosen) and ``2k + 1`` (rejected) are
+        row ``k``, and a batch holds each row as two lines (see :func:`collate`).
       row_offsets, row_examples: row ``r`` holds examples
-        ``row_examples[row_offsets[r]:row_offsets[r + 1]]`` (one per row unless packed).
+        ``row_examples[row_offsets[r]:row_offsets[r + 1]]`` (one per row unless packed
+        or paired).
+      row_lengths: int64 [R] tokens a row needs on one batch line (the longer side of a
+        pair).
+      ref_logps: float32 [N] reference log-probabilities of the examples' completions when
+        a preference task precomputed them (batches then carry ``ref_logps``), else None.
       seq_len: the longest a row can be.
       pad_id: id written into padding positions (masks, not ids, mark padding).
       stats: JSON-able build statistics (see :func:`build_datasets`).
@@ -108,18 +116,26 @@ class TokenizedDataset:
         self.pad_to_multiple_of = cfg.pad_to_multiple_of
         self.length_buckets = tuple(cfg.length_buckets)
         self.packed = bool(cfg.packing)
+        self.paired = bool(meta.get("paired", False))
+        self.ref_logps: np.ndarray | None = None
         lengths = self.lengths
-        if self.packed:
+        if self.paired:
+            self.row_offsets = np.arange(0, len(lengths) + 1, 2, dtype=np.int64)
+            self.row_examples = np.arange(len(lengths), dtype=np.int64)
+        elif self.packed:
             self.row_offsets, self.row_examples = pack_lengths(lengths, self.seq_len)
         else:
             self.row_offsets = np.arange(len(lengths) + 1, dtype=np.int64)
             self.row_examples = np.arange(len(lengths), dtype=np.int64)
         per_example = lengths[self.row_examples]
-        self.row_lengths = (
-            np.add.reduceat(per_example, self.row_offsets[:-1])
-            if len(per_example)
-            else np.zeros(0, dtype=np.int64)
-        )
+        if self.paired:  # the two sides sit on separate batch lines
+            self.row_lengths = per_example.reshape(-1, 2).max(axis=1)
+        else:
+            self.row_lengths = (
+                np.add.reduceat(per_example, self.row_offsets[:-1])
+                if len(per_example)
+                else np.zeros(0, dtype=np.int64)
+            )
 
     def _memmap(self, name: str, dtype, count: int) -> np.ndarray:
         if count == 0:
@@ -196,6 +212,7 @@ class _Builder:
         self.skipped: Counter = Counter()
         self.skip_messages: list[str] = []
         self.records = self.truncated = self.documents = 0
+        self.pairs = {"pairs": 0, "truncated_pairs": 0, "identical_pairs": 0}
         self.label_counts: Counter = Counter()
         self._carry: list[int] = []  # text format: tokens not yet in a full chunk
 
@@ -235,6 +252,8 @@ class _Builder:
                 self.reject(enc)
             elif self.cfg.format == "text":
                 self._chunk(enc)
+            elif isinstance(enc, Pair):
+                self._add_pair(enc)
             else:
                 try:
                     self._add(rec.source, enc)
@@ -251,6 +270,17 @@ class _Builder:
             self.writer.add(chunk, [1] * n, -1, _example_hash(chunk), n)
             start += n
         del self._carry[:start]
+
+    def _add_pair(self, pair: Pair) -> None:
+        """Preference: the chosen and the rejected side as two consecutive examples."""
+        # The tokenizer's BOS survives truncation of the prompt's start.
+        sides, cut = pair_examples(pair, self.seq_len, keep_head=len(self.encoder.bos))
+        self.pairs["pairs"] += 1
+        self.pairs["truncated_pairs"] += cut
+        self.pairs["identical_pairs"] += pair.chosen == pair.rejected
+        for ids, mask, full in sides:
+            self.truncated += len(full) > len(ids)
+            self.writer.add(ids, mask, -1, _example_hash(full), len(full))
 
     def _add(self, source: str, enc: Encoded) -> None:
         ids, mask, n = enc.ids, enc.mask, len(enc.ids)
@@ -291,6 +321,8 @@ class _Builder:
         }
         if self.cfg.format == "text":
             out["documents"] = self.documents
+        if self.cfg.format == "preference":
+            out.update(self.pairs)
         if label_names is not None:
             out["label_counts"] = {
                 label_names[k]: self.label_counts.get(k, 0) for k in range(len(label_names))
@@ -377,6 +409,7 @@ def build_split(
             "stats": builder.stats(label_names),
             "paths": [str(p) for p in source.paths],
             "held_out": source.held_out,
+            "paired": cfg.format == "preference",
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return TokenizedDataset(final, cfg, _pad_id(tokenizer))
@@ -439,8 +472,8 @@ def build_datasets(
     sources = {s: src for s in splits if (src := load_split(cfg, s)) is not None}
     if not sources:
         raise DataError("data.train is not set; expected a data file, glob or directory")
-    if cfg.packing and cfg.format == "classification":
-        raise DataError("data.packing is not supported with data.format=classification")
+    if cfg.packing and cfg.format in ("classification", "preference"):
+        raise DataError(f"data.packing is not supported with data.format={cfg.format}")
     label_names = resolve_label_names(cfg, sources)
     out = {
         s: build_split(cfg, tokenizer, seq_len, src, label_names, use_cache)

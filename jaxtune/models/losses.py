@@ -1,5 +1,6 @@
 """Losses shared by training and evaluation: token cross-entropy (chunked over the
-sequence when the logits would be large) and label cross-entropy for classifiers.
+sequence when the logits would be large), per-sequence sums of it (the log-probabilities
+preference losses compare) and label cross-entropy for classifiers.
 
 Every loss returns *sums* (loss sum, weight sum) for one micro-batch, so gradient
 accumulation and multi-batch evaluation divide once by the total weight (one big
@@ -88,6 +89,53 @@ def chunked_token_nll(model, h: jax.Array, targets: jax.Array, w: jax.Array, chu
         w.reshape(b, n, chunk).swapaxes(0, 1),
     )
     return jax.lax.scan(body, None, xs)[1]
+
+
+def row_nll_sums(
+    model, batch: dict, rng: jax.Array | None, weights: jax.Array, *, chunk: int | None = None
+) -> jax.Array:
+    """Per-row weighted sums of token cross-entropy, for K weightings of the same tokens.
+
+    batch: as :func:`token_loss_sums` ([N, T] arrays); weights: float32 [K, N, T].
+    Returns float32 [K, N]: ``sum_t nll[n, t] * weights[k, n, t]``. Preference losses
+    read sequence log-probabilities from it (``-row_nll_sums``); one forward pass serves
+    every weighting. ``chunk`` as in :func:`token_loss_sums`.
+    """
+    kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], rng=rng)
+    targets = batch["targets"]
+    weights = weights.astype(jnp.float32)
+    b, t = targets.shape
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    c = loss_chunk_for(b, t, vocab, chunk) if hasattr(model, "logits_from_hidden") else t
+    if c >= t:
+        logits = model(batch["input_ids"], batch["attention_mask"], **kw)
+        nll = token_cross_entropy(logits.astype(jnp.float32), targets)  # [N, T]
+        return jnp.sum(nll[None] * weights, axis=-1)
+    h = model.hidden_states(batch["input_ids"], batch["attention_mask"], **kw)  # [N, T, D]
+    n = -(-t // c)
+    pad = n * c - t
+    if pad:  # padded positions carry weight 0
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        weights = jnp.pad(weights, ((0, 0), (0, 0), (0, pad)))
+    graphdef, state = nnx.split(model)
+
+    @jax.checkpoint
+    def piece(state, hc, tc, wc):  # [N, c, D], [N, c], [K, N, c] -> [K, N]
+        logits = nnx.merge(graphdef, state).logits_from_hidden(hc)
+        nll = token_cross_entropy(logits.astype(jnp.float32), tc)
+        return jnp.sum(nll[None] * wc, axis=-1)
+
+    def body(acc, xs):
+        return acc + piece(state, *xs), None
+
+    xs = (
+        h.reshape(b, n, c, -1).swapaxes(0, 1),
+        targets.reshape(b, n, c).swapaxes(0, 1),
+        weights.reshape(weights.shape[0], b, n, c).transpose(2, 0, 1, 3),
+    )
+    init = jnp.zeros(weights.shape[:2], jnp.float32)
+    return jax.lax.scan(body, init, xs)[0]
 
 
 @jax.custom_vjp

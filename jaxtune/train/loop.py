@@ -294,6 +294,8 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None, init_model) -> di
                 "step_time": time.perf_counter() - t0,
                 "epoch": it.epoch,
             }
+            # The task's own metrics (e.g. preference rewards), averaged like the loss.
+            row.update({k: float(v) for k, v in metrics["task"].items()})
             if not bool(metrics["finite"]):
                 nonfinite = _nonfinite_message(row, saved["step"], ckpt)
                 break

@@ -42,7 +42,9 @@ def make_train_step(
       grad_accum: micro-batches per step; batch arrays are then [A, B, T].
       dropout: pass a per-step dropout key to the model.
       loss_sums: ``(model, micro_batch, rng) -> (loss sum, weight sum)``
-        (:func:`token_loss_sums` or :func:`label_loss_sums`).
+        (:func:`token_loss_sums` or :func:`label_loss_sums`), or ``(loss sum, weight
+        sum, {name: metric sum})``: the task's metrics, accumulated like the loss and
+        divided by the same total weight (``metrics["task"]``).
 
     ``state`` is ``{"step": int32 [], "params": State, "opt_state": ..., "seed": uint32 []}``.
     Per-step randomness is ``fold_in(key(seed), step)``: resuming at step k reproduces it.
@@ -50,7 +52,8 @@ def make_train_step(
 
     def micro(params, frozen, mb, key):
         model = nnx.merge(graphdef, params, frozen)
-        return loss_sums(model, mb, key)
+        out = loss_sums(model, mb, key)
+        return out[0], (out[1], out[2] if len(out) > 2 else {})
 
     grad_fn = jax.value_and_grad(micro, has_aux=True)
 
@@ -58,19 +61,25 @@ def make_train_step(
         params = state["params"]
         key = jax.random.fold_in(jax.random.key(state["seed"]), state["step"]) if dropout else None
         if grad_accum == 1:
-            (loss_sum, weight), grads = grad_fn(params, frozen, batch, key)
+            (loss_sum, (weight, task_sums)), grads = grad_fn(params, frozen, batch, key)
         else:
 
             def body(carry, xs):
                 mb, i = xs
                 k = None if key is None else jax.random.fold_in(key, i)
-                (s, w), g = grad_fn(params, frozen, mb, k)
-                acc_s, acc_w, acc_g = carry
-                return (acc_s + s, acc_w + w, jax.tree.map(jnp.add, acc_g, g)), None
+                (s, (w, m)), g = grad_fn(params, frozen, mb, k)
+                acc_s, acc_w, acc_m, acc_g = carry
+                acc_m = jax.tree.map(jnp.add, acc_m, m)
+                return (acc_s + s, acc_w + w, acc_m, jax.tree.map(jnp.add, acc_g, g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-            (loss_sum, weight, grads), _ = jax.lax.scan(body, init, (batch, jnp.arange(grad_accum)))
+            first = jax.tree.map(lambda x: x[0], batch)
+            # The task's metric sums: their structure, traced once, not computed.
+            shapes = jax.eval_shape(micro, params, frozen, first, key)[1][1]
+            m0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), m0, zeros)
+            xs = (batch, jnp.arange(grad_accum))
+            (loss_sum, weight, task_sums, grads), _ = jax.lax.scan(body, init, xs)
         denom = jnp.maximum(weight, 1.0)
         # Back to each parameter's dtype: dividing bf16 gradients by a float32 count
         # would silently promote them, and with them the optimizer moments.
@@ -91,6 +100,7 @@ def make_train_step(
             # The host loop stops before saving a state whose loss, gradients or updated
             # weights are not finite, so every checkpoint on disk is a usable one.
             "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params),
+            "task": {k: v / denom for k, v in task_sums.items()},
         }
         return new_state, metrics
 

@@ -8,7 +8,8 @@ gives it:
 - the model and which of its parameters train (:meth:`Task.build_model`,
   :meth:`Task.trainable`; ``plan`` uses :meth:`Task.abstract_model`);
 - loss *sums* for a micro-batch (:meth:`Task.loss_sums`: ``(sum, weight)``, so gradient
-  accumulation divides once by the total weight and equals one big batch);
+  accumulation divides once by the total weight and equals one big batch; optionally
+  metric sums too, logged with each step);
 - validation metrics (:meth:`Task.evaluate`, ``eval/loss`` among them) and a final
   report on the held-out split (:meth:`Task.finish`);
 - what the run directory keeps besides the checkpoints (:meth:`Task.run_files`, written
@@ -95,8 +96,13 @@ class Task:
 
     # ------------------------------------------------------------------------- the step
 
-    def loss_sums(self, model, batch: dict, rng) -> tuple[jax.Array, jax.Array]:
-        """(loss sum, weight sum) of one micro-batch; traced inside the jitted step."""
+    def loss_sums(self, model, batch: dict, rng) -> tuple:
+        """(loss sum, weight sum) of one micro-batch; traced inside the jitted step.
+
+        A task may add a third element, ``{name: metric sum}``: accumulated over
+        micro-batches like the loss, divided by the same total weight and logged under
+        ``name`` with each step (e.g. a preference task's ``rewards/margins``).
+        """
         raise NotImplementedError
 
     def abstract_batch(self, batch_size: int, seq_len: int, grad_accum: int = 1) -> dict:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from jaxtune.config import Config
 from jaxtune.errors import ConfigError
 from jaxtune.train.task import TASKS, Task
-from jaxtune.train.tasks import classification, lm
+from jaxtune.train.tasks import classification, lm, preference
 
-__all__ = ["classification", "lm", "task_for", "task_name"]
+__all__ = ["classification", "lm", "preference", "task_for", "task_name"]
 
 
 def task_name(cfg: Config) -> str:
