@@ -166,4 +166,3 @@ def entry() -> int:
     """
     keep_freed_memory()
     return main()
-
