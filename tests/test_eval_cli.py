@@ -144,6 +144,7 @@ def test_config_run_with_perplexity_and_generation(setup, tmp_path):
     ],
 )
 def test_bad_task_file_is_one_line_error(setup, tmp_path, capsys, line, message):
+    capsys.readouterr()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "c", "choices": ["a", "b"], "label": 0}\n' + line + "\n")
     out = tmp_path / "out"
@@ -180,3 +181,29 @@ def test_run_tasks_reports_mmlu_subjects_and_macro_average(setup):
     macro = sum(res[k]["acc"] for k in subjects) / 57
     assert res["mmlu"]["acc"] == pytest.approx(macro) and res["mmlu"]["n"] == 57
     assert list(res)[0] == "mmlu"  # the average first, then the subjects
+
+
+def test_preference_pairs_score_as_two_choice_items(setup, tmp_path, capsys):
+    # Preference accuracy = the two-choice task whose gold is the chosen completion; the
+    # multiple-choice path itself is checked item for item against lm-eval elsewhere.
+    rows = [json.loads(x) for x in open(setup["task"])][:10]
+    pairs, items = tmp_path / "pairs.jsonl", tmp_path / "items.jsonl"
+    with open(pairs, "w") as fp, open(items, "w") as fi:
+        for r in rows:
+            good, bad = r["choices"][r["label"]], r["choices"][1 - r["label"]]
+            fp.write(json.dumps({"prompt": r["context"], "chosen": good, "rejected": bad}) + "\n")
+            fi.write(json.dumps({"context": r["context"], "choices": [good, bad], "label": 0}))
+            fi.write("\n")
+    out = tmp_path / "out"
+    argv = ["--model", setup["tuned"], "--tasks", f"{pairs},{items}", "--out", str(out)]
+    assert run_cli(argv) == 0, capsys.readouterr().err
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["pairs"]["n"] == 10
+    assert report["pairs"]["acc"] == report["items"]["acc"]
+    assert report["pairs"]["acc_norm"] == report["items"]["acc_norm"]
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Q:", "chosen": " a"}) + "\n")
+    assert run_cli(["--model", setup["tuned"], "--tasks", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bad.jsonl:1: missing field 'rejected'" in err

@@ -126,7 +126,9 @@ def add_eval(make_sub) -> None:
         "eval",
         "evaluate a model on tasks (JSON + Markdown report)",
         "Evaluate a model on multiple-choice tasks (arc_easy, arc_challenge, hellaswag, mmlu, "
-        "mmlu_<subject>, boolq, or a JSONL file of {context, choices, label}), generation tasks "
+        "mmlu_<subject>, boolq, a JSONL file of {context, choices, label}, or of preference "
+        "pairs {prompt, chosen, rejected}: the share of pairs whose chosen completion the model "
+        "finds likelier), generation tasks "
         "(a JSONL file of {prompt, reference}) and held-out perplexity. Writes eval_report.json "
         "and eval_report.md; --compare BASE puts a base model and this one side by side.",
     )

@@ -123,7 +123,8 @@ def file_task_kind(path: str) -> str:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{no}: not valid JSON ({e.msg})") from None
-            if isinstance(row, dict) and "prompt" in row and "choices" not in row:
+            pair = isinstance(row, dict) and ("chosen" in row or "rejected" in row)
+            if isinstance(row, dict) and "prompt" in row and "choices" not in row and not pair:
                 return "generate"
             return "choice"
     raise DataError(f"{path}: no items (expected one JSON object per line: {T.TASK_FIELDS})")

@@ -44,6 +44,10 @@ from jaxtune.resources import package_dir
 
 DEFAULT_FEWSHOT_SEED = 1234
 TASK_FIELDS = '{"context": str, "choices": [str, ...], "label": int}'
+# A preference pair (TRL's standard form, as ``data.format: preference`` reads it) is an
+# item with two choices, the chosen one gold: its accuracy is the share of pairs whose
+# chosen completion the model finds likelier than the rejected one.
+PAIR_FIELDS = '{"prompt": str, "chosen": str, "rejected": str}'
 
 
 @dataclass(frozen=True)
@@ -294,9 +298,24 @@ def load_task(
 # ------------------------------------------------------------------ user JSONL files
 
 
+def _pair_row(row: dict, where: str) -> MCItem:
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in row:
+            raise DataError(f"{where}: missing field {key!r} (a preference pair is {PAIR_FIELDS})")
+        if not isinstance(row[key], str):
+            raise DataError(
+                f"{where}: field {key!r} must be a string, got {type(row[key]).__name__} "
+                "(as an eval task a pair is plain text; render chat messages to text first)"
+            )
+    chosen, rejected = row["chosen"], row["rejected"]
+    return MCItem(row["prompt"], (chosen, rejected), 0, (len(chosen), len(rejected)))
+
+
 def _check_row(row, where: str) -> MCItem:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object {TASK_FIELDS}, got {type(row).__name__}")
+    if "chosen" in row or "rejected" in row:
+        return _pair_row(row, where)
     for key in ("context", "choices", "label"):
         if key not in row:
             raise DataError(f"{where}: missing field {key!r} (expected {TASK_FIELDS})")
