@@ -108,9 +108,9 @@ def flops_per_step(c, mode: str, batch: int, seq: int, rank: int) -> dict:
 class Worker:
     """One side in its own process, driven by JSON lines (see ``train_workers.py``)."""
 
-    def __init__(self, name: str, side: str, spec: dict):
+    def __init__(self, name: str, side: str, spec: dict, script: str = "train_workers.py"):
         self.name = name
-        cmd = [sys.executable, str(HERE / "train_workers.py"), side, json.dumps(spec)]
+        cmd = [sys.executable, str(HERE / script), side, json.dumps(spec)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = self._read()
         self.times: list[float] = []
