@@ -38,7 +38,8 @@ from jaxtune.eval.tasks import load_task
 
 pytestmark = pytest.mark.slow
 
-N_ITEMS = int(os.environ.get("JAXTUNE_ARC_PARITY_ITEMS", "100"))
+# 50 items keep `make test` inside its time budget; JAXTUNE_ARC_PARITY_ITEMS=570 scores all.
+N_ITEMS = int(os.environ.get("JAXTUNE_ARC_PARITY_ITEMS", "50"))
 HELD_OUT = [
     "The Pacific Ocean is the largest and deepest of Earth's five oceanic divisions. It extends "
     "from the Arctic Ocean in the north to the Southern Ocean in the south.",
