@@ -1,7 +1,7 @@
 """The two sides of ``bench_dpo.py``: jaxtune's DPO step and TRL's ``DPOTrainer`` step.
 
 Run as ``python dpo_workers.py jax|trl SPEC_JSON`` by :class:`bench_train.Worker`'s
-protocol (JSON lines on stdin/stdout, see ``train_workers.main``).
+protocol (JSON lines on stdin/stdout, ``train_workers.serve``).
 
 Both sides train the same pairs: ``batch`` pairs of a ``prompt``-token prompt and
 ``seq - prompt``-token chosen and rejected completions (the last one EOS), random ids,
@@ -14,13 +14,12 @@ adapter disabled on both sides (LoRA).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 import numpy as np
-from train_workers import LORA_TARGETS, _jax_optim, _rss_mib, _timed, vm_kib
+from train_workers import LORA_TARGETS, _jax_optim, _rss_mib, serve
 
 
 def make_pairs(spec: dict) -> list[tuple[list[int], list[int], list[int]]]:
@@ -187,41 +186,5 @@ class TrlDPO:
         return {"threads": self.torch.get_num_threads()}
 
 
-def main(argv: list[str]) -> int:
-    side_name, spec = argv[0], json.loads(argv[1])
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # stray prints from libraries land on stderr, not in the protocol
-
-    def reply(obj: dict) -> None:
-        proto.write(json.dumps(obj) + "\n")
-
-    if side_name == "jax":
-        # What the `jaxtune` command does at start-up, before jax starts its threads.
-        from jaxtune.malloc import keep_freed_memory
-
-        keep_freed_memory()
-    side = (JaxDPO if side_name == "jax" else TrlDPO)(spec)
-    t0 = time.perf_counter()
-    first_loss = side.step()
-    first = time.perf_counter() - t0
-    warm = [_timed(side.step) for _ in range(spec["warmup"])]
-    reply({**side.info, "rss_stages_mib": side.rss, "first_step_s": first, "warmup_s": warm,
-           "first_loss": first_loss})  # fmt: skip
-    for line in sys.stdin:
-        msg = json.loads(line)
-        if msg["cmd"] == "run":
-            times, cpu, losses = [], [], []
-            for _ in range(msg["steps"]):
-                t0, c0 = time.perf_counter(), time.process_time()
-                losses.append(side.step())
-                times.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
-            reply({"times": times, "cpu": cpu, "losses": losses})
-        elif msg["cmd"] == "finish":
-            reply({**side.finish(), "peak_rss_kib": vm_kib("VmHWM")})
-            return 0
-    return 1
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(serve(sys.argv[1:], {"jax": JaxDPO, "trl": TrlDPO}))

@@ -254,7 +254,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def main(argv: list[str]) -> int:
+def serve(argv: list[str], sides: dict) -> int:
+    """Runs side ``argv[0]`` (a class of ``sides``) with spec ``argv[1]`` (JSON) under the
+    JSON-lines protocol of ``bench_train.Worker``; the sides of ``bench_dpo.py`` use it too."""
     side_name, spec = argv[0], json.loads(argv[1])
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints from libraries land on stderr, not in the protocol
@@ -268,7 +270,7 @@ def main(argv: list[str]) -> int:
         from jaxtune.malloc import keep_freed_memory
 
         spec["malloc_kept"] = keep_freed_memory()
-    side = (JaxSide if side_name == "jax" else TorchSide)(spec)
+    side = sides[side_name](spec)
     t0 = time.perf_counter()
     first_loss = side.step()  # jax: compiles again only if lower().compile() was not reused
     first = time.perf_counter() - t0
@@ -290,12 +292,13 @@ def main(argv: list[str]) -> int:
             reply({"times": times, "cpu": cpu, "losses": losses})
         elif msg["cmd"] == "finish":
             out = {**side.finish(), "peak_rss_kib": vm_kib("VmHWM")}
-            n, reps = spec["matmul_n"], spec["matmul_reps"]
-            out["matmul_gflops"] = side.matmul_gflops(n, reps, spec.get("dtype", "float32"))
+            if "matmul_n" in spec:
+                n, reps = spec["matmul_n"], spec["matmul_reps"]
+                out["matmul_gflops"] = side.matmul_gflops(n, reps, spec.get("dtype", "float32"))
             reply(out)
             return 0
     return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(serve(sys.argv[1:], {"jax": JaxSide, "torch": TorchSide}))

@@ -87,6 +87,25 @@ class BatchIterator:
         self._order_epoch: int | None = None
         self._order: np.ndarray | None = None
 
+    @classmethod
+    def one_pass(
+        cls,
+        dataset: TokenizedDataset,
+        batch_size: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> BatchIterator:
+        """Every row once, in dataset order, the last batch partial: evaluation's pass."""
+        return cls(
+            dataset,
+            batch_size,
+            shuffle=False,
+            drop_remainder=False,
+            num_epochs=1,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
     @property
     def local_batch_size(self) -> int:
         return self.batch_size // self.process_count

@@ -60,16 +60,7 @@ def evaluate_loss(
       trained token.
     """
 
-    it = BatchIterator(
-        dataset,
-        batch_size,
-        seed=0,
-        shuffle=False,
-        drop_remainder=False,
-        num_epochs=1,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    it = BatchIterator.one_pass(dataset, batch_size, jax.process_index(), jax.process_count())
     graphdef, state = nnx.split(model)
     total, weight, n = 0.0, 0.0, 0
     t0 = time.perf_counter()

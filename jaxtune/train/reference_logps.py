@@ -63,14 +63,8 @@ def reference_logps(task, model, dataset, mesh) -> np.ndarray:
         lambda state, batch: task.completion_logps(nnx.merge(graphdef, state), batch, None)[0],
         out_shardings=replicated(mesh),
     )
-    it = BatchIterator(
-        dataset,
-        task.cfg.train.batch_size,
-        shuffle=False,
-        drop_remainder=False,
-        num_epochs=1,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+    it = BatchIterator.one_pass(
+        dataset, task.cfg.train.batch_size, jax.process_index(), jax.process_count()
     )
     out = np.zeros(dataset.num_examples, np.float32)
     for step in range(it.steps_per_epoch):

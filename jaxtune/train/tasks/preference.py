@@ -100,16 +100,7 @@ class PreferenceTask(Task):
         """``eval/loss`` (the objective's loss) and ``eval/<TRL metric>`` per pair, over
         ``dataset`` (in order; ``train.max_eval_batches`` caps it); ``eval/pairs``."""
         t = self.cfg.train
-        it = BatchIterator(
-            dataset,
-            t.batch_size,
-            seed=0,
-            shuffle=False,
-            drop_remainder=False,
-            num_epochs=1,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
+        it = BatchIterator.one_pass(dataset, t.batch_size, jax.process_index(), jax.process_count())
         graphdef, state = nnx.split(model)
         total, pairs, sums = 0.0, 0.0, {}
         for n, rows in enumerate(it):
