@@ -13,8 +13,9 @@ documents its fields in an ``Attributes:`` section, and :func:`config_reference_
 renders the reference from them, together with the allowed values in ``CHOICES`` and
 ``RANGES``, so the docs cannot drift.
 
-YAML is read with YAML 1.2 scalars: only ``true``/``false`` are booleans (``yes``/``no``
-stay strings, so labels like ``[yes, no]`` survive) and ``1e-4`` is a float.
+YAML is read with YAML 1.2 scalars (:mod:`jaxtune.config_yaml`): only ``true``/``false``
+are booleans (``yes``/``no`` stay strings, so labels like ``[yes, no]`` survive) and
+``1e-4`` is a float.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from jaxtune.config_schema import (
     TrainConfig,
     config_to_dict,
 )
+from jaxtune.config_yaml import Dumper, parse_yaml, set_override
 from jaxtune.errors import ConfigError
 
 # fmt: off
@@ -66,74 +68,6 @@ __all__ = [
     "validate_config",
 ]
 # fmt: on
-
-# ------------------------------------------------------------------------------ YAML
-
-_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
-_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
-_FLOAT_RE = re.compile(
-    r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*(?=[eE]))(?:[eE][-+]?[0-9]+)?"
-    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-)
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans and floats, and no implicit timestamps."""
-
-
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper that quotes anything either YAML 1.1 or 1.2 would not read as a string."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in rs if tag not in (_BOOL, _FLOAT, "tag:yaml.org,2002:timestamp")]
-    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Dumper.yaml_implicit_resolvers = {
-    ch: list(rs) for ch, rs in yaml.SafeDumper.yaml_implicit_resolvers.items()
-}
-for _cls in (_Loader, _Dumper):
-    _cls.add_implicit_resolver(_BOOL, _BOOL_RE, list("tTfF"))
-    _cls.add_implicit_resolver(_FLOAT, _FLOAT_RE, list("-+0123456789."))
-_Dumper.add_representer(
-    list,
-    lambda d, v: d.represent_sequence(
-        "tag:yaml.org,2002:seq", v, flow_style=all(not isinstance(x, list | dict) for x in v)
-    ),
-)
-
-
-def _parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
-    """Parse YAML text; return the data and the line number of every dotted mapping key."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        what = "; ".join(str(s) for s in (e.context, e.problem) if s)
-        raise ConfigError(f"{where}: invalid YAML: {what}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: invalid YAML: {' '.join(str(e).split())}") from None
-    finally:
-        loader.dispose()
-    lines: dict[str, int] = {}
-
-    def walk(n: yaml.Node, prefix: str) -> None:
-        if not isinstance(n, yaml.MappingNode):
-            return
-        for k, v in n.value:
-            key = f"{prefix}{k.value}"
-            if key in lines:
-                raise ConfigError(f"{source}:{k.start_mark.line + 1}: duplicate key {key!r}")
-            lines[key] = k.start_mark.line + 1
-            walk(v, key + ".")
-
-    if node is not None:
-        walk(node, "")
-    return data, lines
-
 
 # ------------------------------------------------------------------------ validation
 
@@ -418,26 +352,6 @@ class _Builder:
 # ---------------------------------------------------------------------- public API
 
 
-def _set_override(raw: dict, arg: str, source: str, origins: dict[str, str]) -> None:
-    """Apply one ``section.key=value`` override to the raw nested dict, in place."""
-    key, sep, text = arg.partition("=")
-    key = key.strip()
-    where = f"{source}: override {arg!r}"
-    parts = key.split(".")
-    if not sep or len(parts) < 2 or not all(parts):
-        raise ConfigError(f"{where}: expected section.key=value (e.g. train.steps=100)")
-    value, _ = _parse_yaml(text, where) if text.strip() else (None, {})
-    node = raw
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-    for k in [k for k in origins if k == key or k.startswith(key + ".")]:
-        del origins[k]
-    origins[key] = where
-
-
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML run config, apply dotted overrides, and validate it.
 
@@ -464,13 +378,13 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             raise ConfigError(f"{source}: config file not found") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{source}: cannot read config file: {e}") from None
-        raw, lines = _parse_yaml(text, source)
+        raw, lines = parse_yaml(text, source)
         origins = {key: f"{source}:{line}" for key, line in lines.items()}
     raw = {} if raw is None else raw
     if overrides and not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {_short(raw)}")
     for arg in overrides:
-        _set_override(raw, arg, source, origins)
+        set_override(raw, arg, source, origins)
     return _Builder(source, origins).build(raw)
 
 
@@ -492,7 +406,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str], source: str = "<confi
     """
     raw, origins = config_to_dict(cfg), {}
     for arg in overrides:
-        _set_override(raw, arg, source, origins)
+        set_override(raw, arg, source, origins)
     return _Builder(source, origins, given=set(origins)).build(raw)
 
 
@@ -501,7 +415,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.dump(
-        config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100
+        config_to_dict(cfg), Dumper=Dumper, sort_keys=False, allow_unicode=True, width=100
     )
     atomic_file(path, "# jaxtune resolved config\n" + text)
 
