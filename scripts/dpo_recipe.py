@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from jaxtune.atomic import atomic_file
 from jaxtune.resources import resolve_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,9 +97,14 @@ def write_data(data_dir: Path, seed: int = 0) -> dict[str, int]:
             for it in test
         ],  # fmt: skip
     }
-    for name, rows in files.items():
-        with open(data_dir / name, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    texts = {name: "".join(json.dumps(r) + "\n" for r in rows) for name, rows in files.items()}
+    for name, text in texts.items():
+        # Never replace a file this recipe did not write (its data is deterministic).
+        path = data_dir / name
+        if path.exists() and path.read_text() != text:
+            raise SystemExit(f"error: {path} exists and is not this recipe's data; move it away")
+    for name, text in texts.items():
+        atomic_file(data_dir / name, text)
     return {k: len(v) for k, v in files.items()}
 
 
