@@ -213,16 +213,14 @@ TWO_PROCESS_TRAIN = textwrap.dedent(
 )
 
 
-def test_two_processes_match_one(ref):
-    """2 processes x 4 CPU devices (gloo collectives) == 1 process x 8 devices."""
-    cfg = ref.config("two_hosts")
+def _train_on_two_processes(cfg: str, env: dict) -> list[tuple[int, str]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", TWO_PROCESS_TRAIN, cfg, f"127.0.0.1:{port}", str(i)],
-            env=ref.env,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -230,9 +228,23 @@ def test_two_processes_match_one(ref):
         for i in range(2)
     ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-3000:]
-    run = ref.root / "two_hosts" / "run"
+    return [(p.returncode, out) for p, out in zip(procs, outs, strict=True)]
+
+
+def test_two_processes_match_one(ref):
+    """2 processes x 4 CPU devices (gloo collectives) == 1 process x 8 devices."""
+    name = "two_hosts"
+    results = _train_on_two_processes(ref.config(name), ref.env)
+    if any("Gloo context initialization failed" in out for _, out in results):
+        # Gloo waits 30 s (fixed inside jaxlib) for the other process at its first
+        # collective; on a loaded 2-core machine one process can lag more than that
+        # (seen once in a full suite). One more try, in a fresh run dir; a wrong result
+        # still fails below.
+        name = "two_hosts_again"
+        results = _train_on_two_processes(ref.config(name), ref.env)
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    run = ref.root / name / "run"
     got = [r["loss"] for r in T.read_metrics(run)]
     want = [r["loss"] for r in T.read_metrics(ref.run)]
     np.testing.assert_allclose(got, want, rtol=1e-5)
