@@ -8,7 +8,10 @@ import sys
 
 import jax
 import numpy as np
+import peft
 import pytest
+import torch
+import transformers
 
 import jaxtune
 from jaxtune.cli import main
@@ -172,6 +175,13 @@ def test_orpo_run_exports_merged_and_as_peft_adapter(tmp_path, tiny):
     np.testing.assert_allclose(merged, trained, atol=1e-5)
     base = numpy_logits(jaxtune.from_pretrained(tiny[0]), ids)
     assert np.abs(trained - base).max() > 1e-4  # the run changed the model
+    # What users load them with: transformers for the merged dir, peft for the adapter.
+    with torch.no_grad():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        np.testing.assert_allclose(hf(torch.tensor(ids)).logits.numpy(), trained, atol=1e-4)
+        hf_base = transformers.AutoModelForCausalLM.from_pretrained(tiny[0])
+        pm = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+        np.testing.assert_allclose(pm(torch.tensor(ids)).logits.numpy(), trained, atol=1e-4)
 
 
 def test_plan_compiles_full_dpo_with_its_frozen_reference_copy(tiny):
