@@ -26,6 +26,7 @@ _API = {
     "save_pretrained": "jaxtune.api",
     "load_tokenizer": "jaxtune.api",
     "convert": "jaxtune.api",
+    "export_gguf": "jaxtune.api",
     "save_checkpoint": "jaxtune.api",
 }
 __all__ = [*_API, "__version__"]

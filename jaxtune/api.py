@@ -1,5 +1,5 @@
-"""Public Python API: ``from_pretrained``, ``save_pretrained``, ``load_tokenizer``, ``convert``,
-``save_checkpoint``.
+"""Public Python API: ``from_pretrained``, ``save_pretrained``, ``export_gguf``,
+``load_tokenizer``, ``convert``, ``save_checkpoint``.
 
 A thin front over the layers that do the work: loading (:mod:`jaxtune.loading`: HF dir,
 ``.gguf``, jaxtune checkpoint, classifier dir, run dir), exporting
@@ -14,10 +14,38 @@ from pathlib import Path
 
 from jaxtune.atomic import check_out_dir
 from jaxtune.checkpoint import save_checkpoint
+from jaxtune.errors import ConfigError
+from jaxtune.export.gguf import GGUFReport
+from jaxtune.export.gguf import export_gguf as _export_gguf
 from jaxtune.export.hf import save_pretrained
 from jaxtune.loading import from_pretrained, load_tokenizer
 
-__all__ = ["convert", "from_pretrained", "load_tokenizer", "save_checkpoint", "save_pretrained"]
+__all__ = [
+    "convert",
+    "export_gguf",
+    "from_pretrained",
+    "load_tokenizer",
+    "save_checkpoint",
+    "save_pretrained",
+]
+
+
+def export_gguf(
+    model, out: str | os.PathLike, kind: str = "f32", *, tokenizer=None, **options
+) -> GGUFReport:
+    """Writes ``out/<name>-<TYPE>.gguf`` + an Ollama ``Modelfile``, verified against ``model``.
+
+    ``kind``: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1. The tokenizer defaults to
+    the one of ``model.source``. ``options``: see :func:`jaxtune.export.gguf.export_gguf`
+    (``name``, ``finetune``, ``min_top1``, ``overwrite``, ...). Returns a report whose
+    ``summary()`` says what was written and how close it is to ``model``.
+    """
+    check_out_dir(out, options.get("overwrite", False))  # before loading anything
+    if tokenizer is None:
+        if not getattr(model, "source", None):
+            raise ConfigError("export_gguf: pass tokenizer= (the model has no source path)")
+        tokenizer = load_tokenizer(model.source)
+    return _export_gguf(model, out, tokenizer=tokenizer, kind=kind, **options)
 
 
 def convert(

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from jaxtune.train.distributed import add_distributed_args
 
+# jaxtune.gguf.writer.GGUF_TYPES' names, spelled out so --help does not import gguf/numpy
+# (tests/test_gguf_export.py checks they agree).
+GGUF_TYPE_NAMES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+
 
 def add_overwrite(p) -> None:
     """``--overwrite`` for the commands that write an export directory (convert, export)."""
@@ -71,11 +75,12 @@ def add_convert(make_sub) -> None:
 def add_export(make_sub) -> None:
     p = make_sub(
         "export",
-        "run / checkpoint -> merged HF dir or PEFT adapter",
+        "run / checkpoint -> merged HF dir, PEFT adapter or GGUF file",
         "Export a trained model: --merged writes an HF safetensors directory with adapters "
         "folded in (transformers loads it); --adapter writes a PEFT LoRA/DoRA adapter (peft "
-        "loads it on the base model). What is written is reloaded and its logits compared "
-        "with the trained model before the command succeeds.",
+        "loads it on the base model); --gguf writes one .gguf file for llama.cpp / Ollama / "
+        "LM Studio with an Ollama Modelfile beside it. What is written is reloaded and its "
+        "logits compared with the trained model before the command succeeds.",
     )
     p.add_argument("src", help="run dir, jaxtune checkpoint, HF dir or .gguf file")
     p.add_argument("out", help="output directory (written atomically)")
@@ -84,6 +89,23 @@ def add_export(make_sub) -> None:
         "--merged", action="store_true", help="HF directory with adapters merged (default)"
     )
     kind.add_argument("--adapter", action="store_true", help="PEFT adapter (LoRA / DoRA runs only)")
+    kind.add_argument(
+        "--gguf", action="store_true", help="one llama.cpp .gguf file + Ollama Modelfile"
+    )
+    p.add_argument(
+        "--gguf-type",
+        default="f32",
+        choices=list(GGUF_TYPE_NAMES),
+        help="with --gguf: tensor type of the weights (default f32; q8_0, q4_0, ... quantize; "
+        "embeddings and output stay Q8_0 for the 4/5-bit types)",
+    )
+    p.add_argument(
+        "--min-top1",
+        type=float,
+        default=None,
+        help="with --gguf and a quantized type: least top-1 agreement with the trained model "
+        "on the probe prompts (default per type: q8_0 0.9, q5_* 0.6, q4_* 0.4)",
+    )
     p.add_argument(
         "--dtype",
         default=None,

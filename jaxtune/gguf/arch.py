@@ -96,6 +96,41 @@ DECODER_TENSORS = {
 }
 
 
+# One metadata row for GGUFWriter.add_key_value: (key, value, type, array item type).
+KV = tuple[str, Any, GGUFValueType, "GGUFValueType | None"]
+
+
+def decoder_kv(arch: str, config: dict) -> list[KV]:
+    """The ``<arch>.*`` shape and norm rows every decoder writes (llama.cpp's key names)."""
+    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return [
+        (f"{arch}.vocab_size", config["vocab_size"], u32, None),
+        (f"{arch}.context_length", config["max_position_embeddings"], u32, None),
+        (f"{arch}.embedding_length", config["hidden_size"], u32, None),
+        (f"{arch}.block_count", config["num_hidden_layers"], u32, None),
+        (f"{arch}.feed_forward_length", config["intermediate_size"], u32, None),
+        (f"{arch}.attention.head_count", config["num_attention_heads"], u32, None),
+        (f"{arch}.attention.head_count_kv", config["num_key_value_heads"], u32, None),
+        (f"{arch}.attention.key_length", head_dim, u32, None),
+        (f"{arch}.attention.value_length", head_dim, u32, None),
+        (f"{arch}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"], f32, None),
+    ]
+
+
+@dataclass(frozen=True)
+class ExportArch:
+    """How a Hugging Face model type is written as one ``general.architecture``."""
+
+    arch: str  # llama.cpp's architecture name
+    check: Callable[[dict], None]  # raises ValueError naming what llama.cpp cannot run
+    kv: Callable[[dict], list]  # HF config -> ``<arch>.*`` metadata rows (KV)
+    tensors: dict[str, str]  # GGUF name ("blk.{i}." for layers) -> HF name
+    fix: Callable[[str, np.ndarray, dict], np.ndarray]  # (HF name, HF array, config) -> GGUF's
+    # Tensors llama.cpp wants that HF folds into the config (llama3's rope_freqs).
+    extra: Callable[[dict], list] = lambda config: []
+
+
 @dataclass(frozen=True)
 class Arch:
     """How one ``general.architecture`` maps onto a Hugging Face model."""

@@ -18,8 +18,17 @@ loader (``modeling_gguf_pytorch_utils.Gemma2TensorProcessor``) on the real 270M 
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGUFValueType
 
-from jaxtune.gguf.arch import DECODER_TENSORS, Arch, Meta, decoder_dims, token_ids
+from jaxtune.gguf.arch import (
+    DECODER_TENSORS,
+    Arch,
+    ExportArch,
+    Meta,
+    decoder_dims,
+    decoder_kv,
+    token_ids,
+)
 
 LOCAL_ROPE_THETA = 10_000.0  # llama.cpp: rope_freq_base_train_swa for gemma3
 SLIDING_WINDOW_PATTERN = 6  # llama.cpp: set_swa_pattern(6); every 6th layer is global
@@ -136,4 +145,77 @@ _GEMMA3_TENSORS = {
 
 ARCHS = {
     "gemma3": Arch(_gemma3_config, _GEMMA3_TENSORS, _gemma_fix, chat_template=CHAT_TEMPLATE),
+}
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _check_gemma3(config: dict) -> None:
+    """What llama.cpp's gemma3 graph hard-codes (see the module docstring) must hold."""
+    n_layers = config["num_hidden_layers"]
+    want = _layer_pattern(n_layers)
+    if config.get("layer_types", want) != want:
+        raise ValueError(
+            f"layer_types: llama.cpp makes every {SLIDING_WINDOW_PATTERN}th layer global and "
+            "the others sliding"
+        )
+    scale = config.get("query_pre_attn_scalar", config["head_dim"])
+    fixed = (
+        config["hidden_size"] // config["num_attention_heads"]
+        if n_layers == 62
+        else config["head_dim"]
+    )
+    if scale != fixed:
+        raise ValueError(f"query_pre_attn_scalar {scale} (llama.cpp uses {fixed} here)")
+    rope = config.get("rope_parameters") or {}
+    local = rope.get("sliding_attention", {})
+    if (
+        local.get("rope_type", "default") != "default"
+        or local.get("rope_theta", LOCAL_ROPE_THETA) != LOCAL_ROPE_THETA
+    ):
+        raise ValueError(f"sliding-layer RoPE must be the default with base {LOCAL_ROPE_THETA:g}")
+    if rope.get("full_attention", {}).get("rope_type", "default") not in ("default", "linear"):
+        raise ValueError("global-layer rope_type must be default or linear")
+    if config.get("attn_logit_softcapping"):
+        raise ValueError("attn_logit_softcapping (Gemma 3 has none; llama.cpp ignores it)")
+    if config.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ValueError("hidden_activation must be gelu_pytorch_tanh")
+    if config.get("attention_bias"):
+        raise ValueError("attention_bias (llama.cpp's gemma3 graph has none)")
+
+
+def _layer_pattern(n_layers: int) -> list[str]:
+    return [
+        "full_attention" if (i + 1) % SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
+        for i in range(n_layers)
+    ]
+
+
+def _gemma3_kv(config: dict) -> list:
+    full = (config.get("rope_parameters") or {}).get("full_attention", {})
+    rows = decoder_kv("gemma3", config) + [
+        ("gemma3.rope.freq_base", full.get("rope_theta", 1_000_000.0), GGUFValueType.FLOAT32, None),
+        ("gemma3.attention.sliding_window", config["sliding_window"], GGUFValueType.UINT32, None),
+    ]
+    if full.get("rope_type") == "linear":
+        rows += [
+            ("gemma3.rope.scaling.type", "linear", GGUFValueType.STRING, None),
+            ("gemma3.rope.scaling.factor", full["factor"], GGUFValueType.FLOAT32, None),
+        ]
+    if config.get("final_logit_softcapping"):
+        cap = config["final_logit_softcapping"]
+        rows.append(("gemma3.final_logit_softcapping", cap, GGUFValueType.FLOAT32, None))
+    return rows
+
+
+EXPORTS = {
+    "gemma3_text": ExportArch(
+        arch="gemma3",
+        check=_check_gemma3,
+        kv=_gemma3_kv,
+        tensors=_GEMMA3_TENSORS,
+        # llama.cpp's norm multiplies by the stored weight: store HF's 1 + w.
+        fix=lambda name, w, config: w + 1.0 if name.endswith("norm.weight") else w,
+    ),
 }

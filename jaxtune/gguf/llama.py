@@ -1,8 +1,9 @@
-"""GGUF -> Hugging Face for llama.cpp's ``llama`` architecture (Llama 2/3, Mistral, SmolLM2).
+"""llama.cpp's ``llama`` (Llama 2/3, Mistral, SmolLM2) and ``qwen2`` architectures, both ways.
 
-llama.cpp stores q/k projection rows permuted for its interleaved RoPE (undone here) and
-Llama 3.1+ rope scaling as a ``rope_freqs.weight`` tensor (turned back into HF's
-``rope_type: llama3`` parameters).
+llama.cpp stores ``llama`` q/k projection rows permuted for its interleaved RoPE (undone on
+import, redone on export) and Llama 3.1+ rope scaling as a ``rope_freqs.weight`` tensor
+(HF's ``rope_type: llama3`` parameters). ``qwen2`` runs rotate-half (NEOX) RoPE, so its
+rows are stored as HF has them, with q/k/v biases.
 """
 
 from __future__ import annotations
@@ -10,8 +11,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from gguf import GGUFValueType
 
-from jaxtune.gguf.arch import DECODER_TENSORS, Arch, Meta, decoder_dims, dequantize, token_ids
+from jaxtune.gguf.arch import (
+    DECODER_TENSORS,
+    Arch,
+    ExportArch,
+    Meta,
+    decoder_dims,
+    decoder_kv,
+    dequantize,
+    token_ids,
+)
 
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -30,6 +41,13 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     out = w.shape[0]
     half = out // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half q/k rows -> llama.cpp's interleaved order (inverse of
+    :func:`_unpermute_rows`): ``w.reshape(n_head, 2, d // 2, in).swapaxes(1, 2)``."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _llama_fix(name: str, w: np.ndarray, config: dict) -> np.ndarray:
@@ -135,6 +153,121 @@ _LLAMA_TENSORS = {
 }
 
 
+_QWEN2_TENSORS = {
+    **_LLAMA_TENSORS,
+    **{f"blk.{{i}}.attn_{p}.bias": f"model.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"},
+}
+
+
+def _qwen2_config(meta: Meta) -> dict:
+    a = meta.arch
+    if meta.get(f"{a}.rope.scaling.type", "none") != "none":
+        raise meta.fail("rope scaling is not supported for qwen2 files")
+    theta = float(meta.get(f"{a}.rope.freq_base", 1_000_000.0))
+    config = {
+        "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
+        **decoder_dims(meta),
+        "rms_norm_eps": float(meta.require(f"{a}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "max_position_embeddings": int(meta.get(f"{a}.context_length", 32768)),
+        "tie_word_embeddings": "output.weight" not in meta.tensors,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+    }
+    config.update(token_ids(meta))
+    return config
+
+
 ARCHS = {
     "llama": Arch(_llama_config, _LLAMA_TENSORS, _llama_fix, frozenset({"rope_freqs.weight"})),
+    "qwen2": Arch(_qwen2_config, _QWEN2_TENSORS, lambda name, w, config: w),
+}
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _rope(config: dict) -> dict:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0), **rope}
+
+
+def _check_common(config: dict, rope_types: tuple[str, ...]) -> None:
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {config['hidden_act']!r} (llama.cpp runs SiLU)")
+    if config.get("mlp_bias"):
+        raise ValueError("mlp_bias (llama.cpp's graph has no MLP biases)")
+    kind = _rope(config)["rope_type"]
+    if kind not in rope_types:
+        raise ValueError(f"rope_type {kind!r} (exportable: {', '.join(rope_types)})")
+
+
+def _check_llama(config: dict) -> None:
+    if config.get("attention_bias"):
+        raise ValueError("attention_bias (not exported for the llama architecture)")
+    # llama.cpp runs Mistral with full attention, as its own converter exports it: a
+    # sliding window only matters past the window's length.
+    _check_common(config, ("default", "linear", "llama3"))
+
+
+def _check_qwen2(config: dict) -> None:
+    if config.get("use_sliding_window") and "sliding_attention" in config.get("layer_types", []):
+        raise ValueError("sliding-window layers (llama.cpp's qwen2 graph attends to all tokens)")
+    _check_common(config, ("default",))
+
+
+def _kv(arch: str, config: dict) -> list:
+    rope = _rope(config)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    rows = decoder_kv(arch, config) + [
+        (f"{arch}.rope.dimension_count", head_dim, GGUFValueType.UINT32, None),
+        (f"{arch}.rope.freq_base", rope["rope_theta"], GGUFValueType.FLOAT32, None),
+    ]
+    if rope["rope_type"] == "linear":
+        rows += [
+            (f"{arch}.rope.scaling.type", "linear", GGUFValueType.STRING, None),
+            (f"{arch}.rope.scaling.factor", rope["factor"], GGUFValueType.FLOAT32, None),
+        ]
+    return rows
+
+
+def _llama_export_fix(name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    if name.endswith("self_attn.q_proj.weight"):
+        return _permute_rows(w, config["num_attention_heads"])
+    if name.endswith("self_attn.k_proj.weight"):
+        return _permute_rows(w, config["num_key_value_heads"])
+    return w
+
+
+def _llama_extra(config: dict) -> list:
+    rope = _rope(config)
+    if rope["rope_type"] != "llama3":
+        return []
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    theta = rope["rope_theta"]
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    return [("rope_freqs.weight", _llama3_factors(rope, inv_freq).astype(np.float32))]
+
+
+_LLAMA_EXPORT = ExportArch(
+    arch="llama",
+    check=_check_llama,
+    kv=lambda config: _kv("llama", config),
+    tensors=_LLAMA_TENSORS,
+    fix=_llama_export_fix,
+    extra=_llama_extra,
+)
+
+EXPORTS = {
+    "llama": _LLAMA_EXPORT,
+    "mistral": _LLAMA_EXPORT,
+    "qwen2": ExportArch(
+        arch="qwen2",
+        check=_check_qwen2,
+        kv=lambda config: _kv("qwen2", config),
+        tensors=_QWEN2_TENSORS,
+        fix=lambda name, w, config: w,
+    ),
 }

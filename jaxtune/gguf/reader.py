@@ -134,6 +134,11 @@ class GGUFFile:
         field = self.fields.get(key)
         return None if field is None else field[0]
 
+    def item_type(self, key: str) -> GGUFValueType | None:
+        """The element type of an array value (None for scalars and missing keys)."""
+        field = self.fields.get(key)
+        return field[1].item_type if field is not None and isinstance(field[1], _Array) else None
+
     def evict(self, t: TensorInfo) -> None:
         """Drops ``t``'s pages from this process's resident memory (they stay in the page
         cache; touching ``t.data`` again reads them back). Streaming a model would
