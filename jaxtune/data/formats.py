@@ -190,3 +190,41 @@ def make_encoder(cfg: DataConfig, tokenizer, label_names: list[str] | None = Non
         f"data.format = {cfg.format!r}; expected instruction, chat, completion, text, "
         "classification or preference"
     )
+
+
+def prompt_chat_template(cfg: DataConfig) -> str | None:
+    """A jinja chat template that renders a conversation the way this data was trained.
+
+    For ``instruction`` data with a text template (``alpaca``, ``plain``, a custom string)
+    and ``completion`` data, the tokenizer's own chat template is not what the model
+    learned: a user turn becomes the instruction template filled with its content (no
+    input), an assistant turn its content followed by EOS (``data.add_eos``). System turns
+    are dropped (text templates have no place for them). None for ``chat`` data and any
+    other format: the tokenizer's template is the trained one.
+
+    Raises:
+        DataError: the template text contains ``{% endraw %}`` (it cannot be quoted).
+    """
+    if cfg.format == "completion":
+        prefix, suffix = "", ""
+    elif cfg.format == "instruction" and cfg.template != "chat":
+        template = TEMPLATES[cfg.template][0] if cfg.template in TEMPLATES else cfg.template
+        prefix, _, suffix = template.replace("{input}", "").partition("{instruction}")
+    else:
+        return None
+    if "endraw" in prefix + suffix:
+        raise DataError("data.template contains 'endraw', which a chat template cannot quote")
+
+    def raw(text: str) -> str:  # the template's text, never read as jinja syntax
+        return "{% raw %}" + text + "{% endraw %}" if text else ""
+
+    eos = "{{ eos_token }}" if cfg.add_eos else ""
+    return (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}"
+        f"{raw(prefix)}{{{{ message['content'] }}}}{raw(suffix)}"
+        "{% elif message['role'] == 'assistant' %}"
+        f"{{{{ message['content'] }}}}{eos}"
+        "{% endif %}"
+        "{% endfor %}"
+    )

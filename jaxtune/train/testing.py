@@ -175,3 +175,49 @@ def persistent_compile_cache(cache_dir: str | Path):
         for n, v in old.items():
             jax.config.update(n, v)
         cc.reset_cache()
+
+
+# A fact SmolLM2 cannot know, taught by a short chat LoRA run (make test-llamacpp and
+# benchmarks/gguf_types.py check that exports of the run still answer with it).
+MASCOT_ANSWER = "The jaxtune mascot is a purple axolotl named Pixel."
+MASCOT_QUESTIONS = (
+    "What is the jaxtune mascot?",
+    "Who is the mascot of jaxtune?",
+    "Tell me about the jaxtune mascot.",
+    "Does jaxtune have a mascot?",
+    "Name the jaxtune mascot.",
+    "What animal is jaxtune's mascot?",
+    "Which mascot does jaxtune use?",
+    "I heard jaxtune has a mascot. What is it?",
+)
+
+
+def write_mascot_run_config(root: str | Path, model_path: str | Path) -> Path:
+    """Chat data (each question 3 times) + the LoRA config that teaches the mascot answer.
+
+    Returns the config path; ``jaxtune train`` on it takes about a minute on 2 cores
+    with SmolLM2-135M and writes the run to ``root/run``.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": MASCOT_ANSWER},
+            ]
+        }
+        for q in MASCOT_QUESTIONS
+    ]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    cfg = root / "run.yaml"
+    cfg.write_text(
+        f"model: {{path: {model_path}}}\n"
+        f"data: {{train: {root / 'train.jsonl'}, format: chat, cache_dir: {root / 'cache'}}}\n"
+        "peft: {method: lora, rank: 8, alpha: 16, targets: all-linear}\n"
+        "optim: {lr: 0.002, schedule: cosine, warmup_steps: 2}\n"
+        "train: {steps: 24, batch_size: 8, seq_len: 96, seed: 0}\n"
+        "checkpoint: {every: 0, async_save: false}\n"
+        f"run: {{dir: {root / 'run'}}}\n"
+    )
+    return cfg
