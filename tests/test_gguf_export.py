@@ -19,7 +19,7 @@ from helpers import perturb
 
 from jaxtune.cli import main
 from jaxtune.cli.parsers import GGUF_TYPE_NAMES
-from jaxtune.errors import ExportError
+from jaxtune.errors import ConfigError, ExportError
 from jaxtune.export.gguf import PROBE_TEXTS, export_gguf
 from jaxtune.gguf.load import read_gguf_config
 from jaxtune.gguf.reader import GGUFFile
@@ -330,7 +330,7 @@ def test_gemma3_f32_loads_in_transformers(tmp_path):
 def test_gemma3_config_llama_cpp_cannot_run_is_refused(tmp_path):
     tok = spm_dir(tmp_path / "base", gemma=True)
     src = hf_tiny("gemma3", tmp_path / "base", len(tok), query_pre_attn_scalar=128)
-    with pytest.raises(ExportError, match="query_pre_attn_scalar 128"):
+    with pytest.raises(ConfigError, match="query_pre_attn_scalar 128"):
         export_gguf(from_pretrained(src), tmp_path / "out", tokenizer=tok, progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -426,7 +426,7 @@ def test_cli_exports_a_run(bpe_run, tmp_path):
 
 def test_tokenizer_llama_cpp_cannot_run_is_refused(tiny_run, tmp_path, capsys):
     """tiny_run's word-level tokenizer has no llama.cpp form: one line, nothing written."""
-    assert main(["export", str(tiny_run["run"]), str(tmp_path / "o"), "--gguf"]) == 1
+    assert main(["export", str(tiny_run["run"]), str(tmp_path / "o"), "--gguf"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
         "error: GGUF export: the tokenizer cannot be written: tokenizer model 'WordLevel' "

@@ -262,9 +262,10 @@ def export_gguf(
         A :class:`GGUFReport`.
 
     Raises:
-        ConfigError: an unknown type, or bottleneck adapters (no merged form).
-        ExportError: a model llama.cpp cannot run as it is, or a written file that does
-            not reproduce the model; nothing is left at ``out``.
+        ConfigError: an unknown type, bottleneck adapters (no merged form), or a model or
+            tokenizer llama.cpp cannot run as it is (found before anything is written).
+        ExportError: a written file that does not reproduce the model; nothing is left
+            at ``out``.
     """
     gtype = gguf_kind(kind)
     out = Path(out)
@@ -280,7 +281,7 @@ def export_gguf(
         config = hf_module(family_of_config(cfg)).config_to_hf(cfg)
         export_arch(config)
     except (ValueError, ConfigError, KeyError) as e:
-        raise ExportError(f"GGUF export: this model cannot be written for llama.cpp: {e}") from None
+        raise ConfigError(f"GGUF export: this model cannot be written for llama.cpp: {e}") from None
     n_vocab = cfg.vocab_size
     gguf_src = _source_gguf(source)
     try:
@@ -290,7 +291,7 @@ def export_gguf(
             else vocab.kv_from_hf(tokenizer, _source_dir(source), n_vocab)
         )
     except ValueError as e:
-        raise ExportError(f"GGUF export: the tokenizer cannot be written: {e}") from None
+        raise ConfigError(f"GGUF export: the tokenizer cannot be written: {e}") from None
     rows = {
         r[0]: r
         for r in base_rows + vocab.special_kv(tokenizer, n_vocab, turn_terminator(tokenizer))
