@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -140,6 +141,7 @@ def main(argv=None) -> int:
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": info, "rows": rows}, indent=2) + "\n")
+    shutil.rmtree(work)  # this script's own temporary directory (run, checkpoint, exports)
     return 0
 
 

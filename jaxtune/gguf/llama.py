@@ -123,27 +123,32 @@ def _llama_rope(meta: Meta, theta: float, head_dim: int) -> dict:
     return {"rope_type": "default", "rope_theta": theta}
 
 
+def _decoder_config(meta: Meta, model_type: str, rope: dict, context: int) -> dict:
+    """The HF config both architectures share; ``rope``: HF ``rope_parameters``."""
+    a = meta.arch
+    return {
+        "model_type": model_type,
+        "architectures": [f"{'Qwen2' if model_type == 'qwen2' else 'Llama'}ForCausalLM"],
+        **decoder_dims(meta),
+        "rms_norm_eps": float(meta.require(f"{a}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": rope["rope_theta"],
+        "rope_parameters": rope,
+        "max_position_embeddings": int(meta.get(f"{a}.context_length", context)),
+        "tie_word_embeddings": "output.weight" not in meta.tensors,
+        "hidden_act": "silu",
+        **token_ids(meta),
+    }
+
+
 def _llama_config(meta: Meta) -> dict:
     a = meta.arch
     if meta.get(f"{a}.expert_count", 0):
         # Mixtral GGUFs say "llama" too; their experts need a different model.
         raise meta.fail("mixture-of-experts GGUF files are not supported")
-    dims = decoder_dims(meta)
     theta = float(meta.get(f"{a}.rope.freq_base", 10000.0))
-    config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        **dims,
-        "rms_norm_eps": float(meta.require(f"{a}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": theta,
-        "rope_parameters": _llama_rope(meta, theta, dims["head_dim"]),
-        "max_position_embeddings": int(meta.get(f"{a}.context_length", 2048)),
-        "tie_word_embeddings": "output.weight" not in meta.tensors,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-    }
-    config.update(token_ids(meta))
+    rope = _llama_rope(meta, theta, decoder_dims(meta)["head_dim"])
+    config = _decoder_config(meta, "llama", rope, 2048)
+    config.update(attention_bias=False, mlp_bias=False)
     return config
 
 
@@ -164,20 +169,8 @@ def _qwen2_config(meta: Meta) -> dict:
     if meta.get(f"{a}.rope.scaling.type", "none") != "none":
         raise meta.fail("rope scaling is not supported for qwen2 files")
     theta = float(meta.get(f"{a}.rope.freq_base", 1_000_000.0))
-    config = {
-        "model_type": "qwen2",
-        "architectures": ["Qwen2ForCausalLM"],
-        **decoder_dims(meta),
-        "rms_norm_eps": float(meta.require(f"{a}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
-        "max_position_embeddings": int(meta.get(f"{a}.context_length", 32768)),
-        "tie_word_embeddings": "output.weight" not in meta.tensors,
-        "hidden_act": "silu",
-        "use_sliding_window": False,
-    }
-    config.update(token_ids(meta))
-    return config
+    rope = {"rope_type": "default", "rope_theta": theta}
+    return {**_decoder_config(meta, "qwen2", rope, 32768), "use_sliding_window": False}
 
 
 ARCHS = {
