@@ -30,11 +30,14 @@ class DataConfig:
       truncation_side: ``right`` (drop the end) or ``left`` (drop the start).
       validation_fraction: fraction of train held out as validation when no file is given.
       test_fraction: fraction of train held out as test when no file is given.
-      split_seed: seed of the deterministic train/validation/test split.
+      split_seed: seed of the deterministic train/validation/test split and of the
+        ``max_examples`` subset.
       shuffle: shuffle training order each epoch (a function of seed and epoch).
       skip_invalid: skip (and count) bad rows instead of failing on the first one.
       labels: classification label names in id order; empty = sorted unique labels.
-      max_examples: cap on examples read per split (quick experiments).
+      max_examples: cap on examples per split (quick experiments, data-size sweeps): the
+        first ``max_examples`` of one permutation seeded by ``split_seed``, so a smaller
+        cap's examples are inside a larger cap's.
       cache_dir: where tokenized data is cached; default ``~/.cache/jaxtune/data``.
     """
 

@@ -76,8 +76,10 @@ class SplitSource:
       dict_split: which DatasetDict split of a saved dataset directory is read.
       keep: for a split held out of ``data.train``, a boolean mask over record indices
         (True = this split's record); None = every record.
-      max_examples: stop after this many records.
+      max_examples: keep this many records: the first ``max_examples`` of a seeded
+        permutation of the split's records (they are read in file order).
       held_out: human-readable description of the held-out split, for the report.
+      seed: the seed of that permutation (``data.split_seed``).
     """
 
     split: str
@@ -86,10 +88,32 @@ class SplitSource:
     keep: np.ndarray | None = None
     max_examples: int | None = None
     held_out: str | None = None
+    seed: int = 0
 
     def __iter__(self) -> Iterator[Record]:
+        if self.max_examples is None:
+            yield from self._records()
+            return
+        chosen = self.chosen_indices()
+        for rec in self._records():
+            if rec.index in chosen:
+                yield rec
+
+    def chosen_indices(self) -> set[int]:
+        """With ``max_examples``: the record indices kept, the first ``max_examples`` of
+        one seeded permutation (``seed``) of the split's records.
+
+        The permutation depends only on the seed and the number of records in the split,
+        so a smaller cap's records are a subset of a larger cap's (data-size sweeps nest).
+        """
+        indices = np.fromiter((rec.index for rec in self._records()), dtype=np.int64)
+        if self.max_examples is None or self.max_examples >= len(indices):
+            return set(indices.tolist())
+        perm = np.random.default_rng(self.seed).permutation(len(indices))
+        return set(indices[perm[: self.max_examples]].tolist())
+
+    def _records(self) -> Iterator[Record]:
         base = 0
-        n = 0
         for path in self.paths:
             kind = file_kind(path)
             check_not_empty(path, kind)
@@ -98,9 +122,6 @@ class SplitSource:
                 last = rec.index + 1
                 if self.keep is not None and not self.keep[rec.index]:
                     continue
-                if self.max_examples is not None and n >= self.max_examples:
-                    return
-                n += 1
                 yield rec
             # Held-out masks were built from count_records, so indices must follow it.
             base = base + count_records(path, self.dict_split) if self.keep is not None else last
@@ -168,7 +189,12 @@ def load_split(cfg: DataConfig, split: str) -> SplitSource | None:
     if own is not None:
         dict_split = cfg.split if split == "train" and cfg.split else split
         source = SplitSource(
-            split, resolve_paths(own, f"data.{split}"), dict_split, None, cfg.max_examples
+            split,
+            resolve_paths(own, f"data.{split}"),
+            dict_split,
+            None,
+            cfg.max_examples,
+            seed=cfg.split_seed,
         )
         if split != "train" or not held:
             return source
@@ -183,4 +209,6 @@ def load_split(cfg: DataConfig, split: str) -> SplitSource | None:
         if split != "train"
         else f"data.train minus held-out {', '.join(held)} (split_seed={cfg.split_seed})"
     )
-    return SplitSource(split, train_paths, dict_split, keep, cfg.max_examples, desc)
+    return SplitSource(
+        split, train_paths, dict_split, keep, cfg.max_examples, desc, seed=cfg.split_seed
+    )

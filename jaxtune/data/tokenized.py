@@ -34,7 +34,9 @@ from jaxtune.data.preference import Pair, pair_examples
 from jaxtune.data.splits import SPLITS, SplitSource, hash_files, load_split
 from jaxtune.errors import DataError
 
-CACHE_VERSION = 2  # 2: chat BOS prepended when the template writes none; turn terminators
+# 2: chat BOS prepended when the template writes none; turn terminators
+# 3: max_examples keeps a seeded random subset (split_seed), not the first records
+CACHE_VERSION = 3
 ENCODE_BATCH = 256
 MAX_SKIP_MESSAGES = 5
 
@@ -343,6 +345,7 @@ def _cache_key(
         if keep is not None
         else None,
         "max_examples": cfg.max_examples,
+        "max_examples_seed": cfg.split_seed if cfg.max_examples is not None else None,
         "format": cfg.format,
         "fields": sorted(cfg.fields.items()),
         "template": cfg.template,
