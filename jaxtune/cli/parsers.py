@@ -225,6 +225,58 @@ def add_plan(make_sub) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
 
 
+def add_sweep(make_sub) -> None:
+    p = make_sub(
+        "sweep",
+        "train a grid or random sample of configs; results table and plots",
+        "Train the product of the --grid values (or --random N draws from them) as ordinary "
+        "runs OUT/<name>/, one after another; runs sharing a data config tokenize once, and "
+        "JAX's compilation cache in OUT/jax_cache reuses compiled steps. Running it again "
+        "resumes an unfinished run and skips finished ones. Writes OUT/results.json, "
+        "OUT/results.md (best run marked), OUT/metric_vs_<key>.png and "
+        "OUT/validation_curves.png. --shard I/N (0-based) runs every N-th run from the I-th, "
+        "so N machines split a sweep; then 'jaxtune sweep --collect OUT' merges them.",
+    )
+    p.add_argument("config", nargs="?", help="YAML run config every run starts from")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides for every run, e.g. train.steps=100"
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="values of one config key (repeat for more keys; the runs are the product). "
+        "Lists keep their brackets: peft.targets=[q_proj,v_proj],all-linear. With --random, "
+        "KEY=LO:HI draws log-uniformly between LO and HI",
+    )
+    p.add_argument(
+        "--random", type=int, metavar="N", help="N seeded random draws instead of the product"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    p.add_argument(
+        "--metric",
+        default=None,
+        help="results column that marks the best run (default final_eval_loss; e.g. "
+        "best_eval_loss, tasks/arc_easy/acc)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["min", "max"],
+        help="whether lower or higher --metric is better (default: min for losses, "
+        "perplexity and errors, max otherwise)",
+    )
+    p.add_argument("--out", help="sweep directory (default: runs/sweep_<config name>)")
+    p.add_argument(
+        "--shard", metavar="I/N", help="run only runs I, I+N, I+2N, ... (0-based: 0 <= I < N)"
+    )
+    p.add_argument(
+        "--collect",
+        metavar="OUT",
+        help="merge the shards' runs in OUT into results.json/.md and the plots; trains nothing",
+    )
+
+
 # Keyed like ``jaxtune.cli.COMMANDS``.
 ADD = {
     "train": add_train,
@@ -234,4 +286,5 @@ ADD = {
     "generate": add_generate,
     "eval": add_eval,
     "plan": add_plan,
+    "sweep": add_sweep,
 }

@@ -142,8 +142,9 @@ def train(cfg: Config, *, stop_after: int | None = None, init_model=None) -> dic
 
     Returns:
       ``{"run_dir", "steps", "stop_reason", "final_loss", "eval", "seconds",
-      "compiles"}``; ``compiles`` counts compilations of the train step (one per
-      distinct batch shape; fixed ``data.length_buckets`` keep it at one).
+      "compiles", "params"}``; ``compiles`` counts compilations of the train step (one per
+      distinct batch shape; fixed ``data.length_buckets`` keep it at one); ``params`` is
+      ``{"trainable", "total"}`` parameter counts.
 
     Raises:
       ConfigError: the mesh or batch does not fit the devices, ``train.seq_len`` exceeds
@@ -348,6 +349,7 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None, init_model) -> di
             "eval": final_eval,
             "seconds": time.perf_counter() - t_start,
             "compiles": step_fn._cache_size(),
+            "params": {k: info.get(k) for k in ("trainable", "total")},
         }
         if jax.process_index() == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary_out, indent=2))
