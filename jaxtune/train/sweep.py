@@ -60,7 +60,7 @@ import jax
 import numpy as np
 
 from jaxtune.atomic import atomic_file
-from jaxtune.config import Config, load_config
+from jaxtune.config import Config, load_config, validate_against_devices
 from jaxtune.config_yaml import parse_yaml
 from jaxtune.errors import ConfigError, JaxtuneError
 from jaxtune.train.loop import train
@@ -285,10 +285,12 @@ def run_configs(
     overrides: tuple[str, ...] | list[str] = (),
 ) -> list[Config]:
     """Every run's validated config (run.dir = ``out/<name>``, data.cache_dir =
-    ``out/cache`` unless the config sets one). Raises ConfigError on the first bad one."""
+    ``out/cache`` unless the config sets one). Raises ConfigError on the first bad one
+    (a key, a value, or a mesh / batch size that does not fit this host's devices)."""
     cfgs = []
     for r in runs:
         cfg = load_config(config, [*overrides, *r.overrides])
+        validate_against_devices(cfg, jax.device_count(), jax.process_count())
         data = cfg.data
         if data.cache_dir is None:
             data = dataclasses.replace(data, cache_dir=str(out / "cache"))
