@@ -443,6 +443,7 @@ _RANGE_GROUPS = {
     "[0, 1)": """data.validation_fraction data.test_fraction peft.dropout optim.warmup_ratio
         optim.b1 optim.b2 optim.momentum""",
     "[0, 1]": "optim.min_lr_ratio",
+    "(0, 1]": "data.train_fraction",
 }
 RANGES: dict[str, str] = {k: spec for spec, ks in _RANGE_GROUPS.items() for k in ks.split()}
 

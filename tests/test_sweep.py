@@ -162,6 +162,49 @@ def test_max_examples_is_a_nested_seeded_prefix(base):
     assert indices(8) == sorted(indices(8))  # read in file order
 
 
+def test_train_fraction_nests_and_keeps_validation(base, tmp_path, monkeypatch):
+    """data.train_fraction: the same nested seeded prefix of train only; validation is
+    the same examples (one cache entry) whatever the fraction."""
+
+    def cfg(fraction, **kw):
+        return DataConfig(
+            train=str(base["data"]),
+            format="instruction",
+            template="plain",
+            validation_fraction=0.25,
+            train_fraction=fraction,
+            cache_dir=str(tmp_path / "cache"),
+            **kw,
+        )
+
+    def indices(c, split="train"):
+        return {rec.index for rec in load_split(c, split)}
+
+    quarter, half, whole = indices(cfg(0.25)), indices(cfg(0.5)), indices(cfg(1.0))
+    assert len(quarter) == 6 and len(half) == 12 and len(whole) == 24
+    assert quarter < half < whole
+    assert indices(cfg(0.5, max_examples=8)) < half  # the smaller of the two caps
+    assert indices(cfg(0.25), "validation") == indices(cfg(1.0), "validation")
+    calls = []
+    real_run = _Builder.run
+    monkeypatch.setattr(
+        _Builder, "run", lambda self, src: calls.append(src.split) or real_run(self, src)
+    )
+    tok = load_tokenizer(str(base["model"]))
+    small = build_datasets(cfg(0.5), tok, 32)
+    large = build_datasets(cfg(1.0), tok, 32)
+    assert sorted(calls) == ["train", "train", "validation"]
+    assert set(small["train"].hashes.tolist()) < set(large["train"].hashes.tolist())
+    assert load_config_error("data.train_fraction=0", base["cfg"])
+    assert load_config_error("data.train_fraction=1.5", base["cfg"])
+
+
+def load_config_error(override: str, path) -> bool:
+    with pytest.raises(ConfigError, match="data.train_fraction"):
+        load_config(path, [override])
+    return True
+
+
 def test_cli_bad_inputs_one_line_exit_2(base, tmp_path, capsys):
     cfg = str(base["cfg"])
     out = tmp_path / "out"

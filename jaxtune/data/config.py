@@ -38,6 +38,10 @@ class DataConfig:
       max_examples: cap on examples per split (quick experiments, data-size sweeps): the
         first ``max_examples`` of one permutation seeded by ``split_seed``, so a smaller
         cap's examples are inside a larger cap's.
+      train_fraction: share of the train split's examples used, the first
+        ``round(n * train_fraction)`` of that same permutation (with ``max_examples``, the
+        smaller of the two). Unlike ``max_examples`` it leaves validation and test alone,
+        so a data-size sweep evaluates every size on the same examples.
       cache_dir: where tokenized data is cached; default ``~/.cache/jaxtune/data``.
     """
 
@@ -62,4 +66,5 @@ class DataConfig:
     skip_invalid: bool = False
     labels: tuple[str, ...] = ()
     max_examples: int | None = None
+    train_fraction: float = 1.0
     cache_dir: str | None = None

@@ -80,6 +80,8 @@ class SplitSource:
         permutation of the split's records (they are read in file order).
       held_out: human-readable description of the held-out split, for the report.
       seed: the seed of that permutation (``data.split_seed``).
+      fraction: keep the first ``round(n * fraction)`` records of that permutation
+        (``data.train_fraction``; the train split only).
     """
 
     split: str
@@ -89,9 +91,10 @@ class SplitSource:
     max_examples: int | None = None
     held_out: str | None = None
     seed: int = 0
+    fraction: float = 1.0
 
     def __iter__(self) -> Iterator[Record]:
-        if self.max_examples is None:
+        if self.max_examples is None and self.fraction >= 1:
             yield from self._records()
             return
         chosen = self.chosen_indices()
@@ -100,17 +103,23 @@ class SplitSource:
                 yield rec
 
     def chosen_indices(self) -> set[int]:
-        """With ``max_examples``: the record indices kept, the first ``max_examples`` of
-        one seeded permutation (``seed``) of the split's records.
+        """The record indices kept: the first ``max_examples`` (or ``round(n *
+        fraction)``, the smaller) of one seeded permutation (``seed``) of the split's
+        ``n`` records.
 
         The permutation depends only on the seed and the number of records in the split,
         so a smaller cap's records are a subset of a larger cap's (data-size sweeps nest).
         """
         indices = np.fromiter((rec.index for rec in self._records()), dtype=np.int64)
-        if self.max_examples is None or self.max_examples >= len(indices):
+        k = len(indices)
+        if self.fraction < 1:
+            k = max(1, int(round(k * self.fraction)))
+        if self.max_examples is not None:
+            k = min(k, self.max_examples)
+        if k >= len(indices):
             return set(indices.tolist())
         perm = np.random.default_rng(self.seed).permutation(len(indices))
-        return set(indices[perm[: self.max_examples]].tolist())
+        return set(indices[perm[:k]].tolist())
 
     def _records(self) -> Iterator[Record]:
         base = 0
@@ -195,6 +204,7 @@ def load_split(cfg: DataConfig, split: str) -> SplitSource | None:
             None,
             cfg.max_examples,
             seed=cfg.split_seed,
+            fraction=cfg.train_fraction if split == "train" else 1.0,
         )
         if split != "train" or not held:
             return source
@@ -210,5 +220,12 @@ def load_split(cfg: DataConfig, split: str) -> SplitSource | None:
         else f"data.train minus held-out {', '.join(held)} (split_seed={cfg.split_seed})"
     )
     return SplitSource(
-        split, train_paths, dict_split, keep, cfg.max_examples, desc, seed=cfg.split_seed
+        split,
+        train_paths,
+        dict_split,
+        keep,
+        cfg.max_examples,
+        desc,
+        seed=cfg.split_seed,
+        fraction=cfg.train_fraction if split == "train" else 1.0,
     )

@@ -345,7 +345,10 @@ def _cache_key(
         if keep is not None
         else None,
         "max_examples": cfg.max_examples,
-        "max_examples_seed": cfg.split_seed if cfg.max_examples is not None else None,
+        "fraction": source.fraction,
+        "max_examples_seed": cfg.split_seed
+        if cfg.max_examples is not None or source.fraction < 1
+        else None,
         "format": cfg.format,
         "fields": sorted(cfg.fields.items()),
         "template": cfg.template,

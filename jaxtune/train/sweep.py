@@ -26,6 +26,8 @@ writes a table of the results.
   (unless the process set another), so runs with the same shapes reuse the compiled step.
 - **Data-size sweeps nest:** ``data.max_examples`` keeps the first N of one permutation
   seeded by ``data.split_seed``, so the 100-example run's data is inside the 300's.
+  It caps every split; ``data.train_fraction`` takes the same nested prefix of the
+  train split only, so every size is evaluated on the same validation examples.
 - **Several machines:** ``--shard I/N`` (0-based, ``0 <= I < N``) runs runs ``I, I+N,
   I+2N, ...`` of the list and writes ``OUT/results.shard-I-of-N.json``; put the shards'
   ``OUT`` directories together (or share one) and ``jaxtune sweep --collect OUT``
