@@ -6,10 +6,9 @@ tokens and chat template) and ``seq_len``. Packing and padding are not in the ke
 are cheap and are redone when a cached dataset is opened.
 
 A cache entry is a directory of flat arrays: ``tokens.bin`` (int32), ``mask.bin`` (uint8,
-1 = trained target), ``offsets.npy`` (int64 [N + 1]), ``labels.npy``, ``hashes.npy``
-(uint64 per example, for duplicate/overlap counts), ``full_lengths.npy`` (length before
-truncation) and ``meta.json`` (stats). It is written to a temporary directory and renamed
-into place, so an interrupted build leaves nothing half-written.
+1 = trained target), ``offsets.npy`` (int64 [N + 1]), ``labels.npy``, ``hashes.npy`` (uint64
+per example: duplicates, overlaps), ``full_lengths.npy`` (before truncation), ``meta.json``
+(stats), written to a temporary directory and renamed into place (never half-written).
 """
 
 from __future__ import annotations
@@ -34,9 +33,7 @@ from jaxtune.data.preference import Pair, pair_examples
 from jaxtune.data.splits import SPLITS, SplitSource, hash_files, load_split
 from jaxtune.errors import DataError
 
-# 2: chat BOS prepended when the template writes none; turn terminators
-# 3: max_examples keeps a seeded random subset (split_seed), not the first records
-CACHE_VERSION = 3
+CACHE_VERSION = 3  # 2: chat BOS, turn terminators; 3: max_examples a seeded subset
 ENCODE_BATCH = 256
 MAX_SKIP_MESSAGES = 5
 
@@ -346,9 +343,7 @@ def _cache_key(
         else None,
         "max_examples": cfg.max_examples,
         "fraction": source.fraction,
-        "max_examples_seed": cfg.split_seed
-        if cfg.max_examples is not None or source.fraction < 1
-        else None,
+        "max_examples_seed": cfg.split_seed if cfg.max_examples or source.fraction < 1 else None,
         "format": cfg.format,
         "fields": sorted(cfg.fields.items()),
         "template": cfg.template,
