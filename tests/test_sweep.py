@@ -16,7 +16,8 @@ from jaxtune.data.splits import load_split
 from jaxtune.data.tokenized import _Builder
 from jaxtune.errors import ConfigError
 from jaxtune.loading import load_tokenizer
-from jaxtune.train.sweep import collect, expand, parse_shard, sweep
+from jaxtune.train.sweep import expand, parse_shard, sweep
+from jaxtune.train.sweep_results import collect
 from jaxtune.train.testing import (
     read_metrics,
     write_config,

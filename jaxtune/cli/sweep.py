@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from jaxtune.errors import ConfigError
-from jaxtune.train.sweep import DEFAULT_METRIC, collect, sweep
+from jaxtune.train.sweep import sweep
+from jaxtune.train.sweep_results import DEFAULT_METRIC, collect
 
 
 def run(args) -> int:
