@@ -284,6 +284,19 @@ def test_eval_decontaminate_reports_both_numbers(tmp_path, capsys):
     check_clean_scores(out / "step_1.json", out / "step_1")
     report = json.loads((out / "contamination.json").read_text())
     assert report["mc"]["contaminated_ids"] == ["3", "7"]
+    evals.write_report(1)
+    md = (out / "eval_report.md").read_text()
+    assert "| mc/clean |" in md and "## Contamination" in md and "- item `3`:" in md
+
+    # Without eval.decontaminate the run report still lists the overlap; no clean scores.
+    plain_cfg = load_config(cfg, [f"run.dir={tmp_path / 'plain'}", "eval.decontaminate=false"])
+    plain = TaskEvals(plain_cfg, load_tokenizer(model), {}, graphdef, tmp_path / "plain", 1)
+    assert not any("clean" in k for k in plain.run(1, params, frozen, log=lambda m: None))
+    plain.write_report(1)
+    out = tmp_path / "plain" / "eval"
+    assert json.loads((out / "contamination.json").read_text())["mc"]["contaminated"] == 2
+    md = (out / "eval_report.md").read_text()
+    assert "## Contamination" in md and "mc/clean" not in md
 
 
 def check_clean_scores(report_path, pred_dir):

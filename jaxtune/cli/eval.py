@@ -22,12 +22,10 @@ others.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
-from jaxtune.atomic import atomic_file
 from jaxtune.config import load_config
 from jaxtune.data import DataConfig, build_datasets
 from jaxtune.data.contamination import record_texts
@@ -197,9 +195,9 @@ def run(args) -> int:
         "dtype": args.dtype,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    paths = write_report(out, results, base=base, meta=meta)
-    if plan.get("contamination") is not None:
-        atomic_file(out / "contamination.json", json.dumps(plan["contamination"], indent=1))
+    paths = write_report(
+        out, results, base=base, meta=meta, contamination=plan.get("contamination")
+    )
     print(compare_table(base, results) if base is not None else markdown_table(results))
     print(f"report: {paths['json']} and {paths['md']}")
     return 0

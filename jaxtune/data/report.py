@@ -186,7 +186,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
     out += ["", "![token lengths](lengths.png)", ""]
     if report.get("contamination"):
-        out += _contamination_markdown(report["contamination"])
+        out += contamination_markdown(report["contamination"])
     for name, s in report["splits"].items():
         if s.get("skipped_examples"):
             out += [f"## Skipped rows in {name}", ""]
@@ -209,7 +209,12 @@ def contamination_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _contamination_markdown(sections: dict[str, dict[str, Any]]) -> list[str]:
+def contamination_markdown(sections: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines of a Contamination section: a table, then each task's listed items.
+
+    Args:
+      sections: ``{task: report}`` as :func:`~jaxtune.data.contamination.contamination`.
+    """
     out = [
         "## Contamination",
         "",

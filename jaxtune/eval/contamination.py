@@ -101,6 +101,8 @@ def clean_masks(
       lookup never holds them).
     """
     texts = tasks_texts(names, limit=limit)
+    if not texts:  # only perplexity: nothing to check, no pass over the training data
+        return {}, {}
     index = EvalNgrams(texts)
     index.scan(train_texts)
     masks, reports = {}, {}

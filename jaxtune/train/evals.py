@@ -7,10 +7,10 @@
   the run starts, so a typo fails in a second instead of after training. Results are
   logged as ``tasks/<task>/<metric>`` (so ``checkpoint.best_metric`` and early stopping
   can watch them) and written to ``run_dir/eval/``: one JSON per evaluated step and a
-  before/after ``eval_report.md``. With ``eval.decontaminate`` the items that share a
-  13-gram with the training split are found once, at the start (listed in
-  ``eval/contamination.json``), and every multiple-choice task is also reported on its
-  clean items as ``tasks/<task>/clean/<metric>``.
+  before/after ``eval_report.md``. The items of each task that share a 13-gram with the
+  training split are found once, at the start, and listed in ``eval/contamination.json``
+  and the report's Contamination section; with ``eval.decontaminate`` every
+  multiple-choice task is also scored on its clean items, as ``tasks/<task>/clean/...``.
 """
 
 from __future__ import annotations
@@ -98,14 +98,14 @@ class TaskEvals:
             num_fewshot=cfg.eval.num_fewshot,
             eval_data=datasets.get("validation"),
         )
-        if cfg.eval.decontaminate:
-            # One pass over the raw training records, before the first step.
-            train = load_split(cfg.data, "train")
-            self.clean, self.contamination = clean_masks(
-                self.names,
-                record_texts(train) if train is not None else (),
-                limit=cfg.eval.max_items,
+        # One pass over the raw training records (seconds per 100k records), before the
+        # first step; none when the tasks are only perplexity.
+        train = load_split(cfg.data, "train")
+        if train is not None:
+            masks, self.contamination = clean_masks(
+                self.names, record_texts(train), limit=cfg.eval.max_items
             )
+            self.clean = masks if cfg.eval.decontaminate else None
 
     def __bool__(self) -> bool:
         return bool(self.loaded)
@@ -146,7 +146,7 @@ class TaskEvals:
                 )
                 for task, c in self.contamination.items():
                     log(
-                        f"[eval] decontaminate {task}: {c['contaminated']} of {c['items']} items "
+                        f"[eval] contamination {task}: {c['contaminated']} of {c['items']} items "
                         f"share a {c['n']}-gram with the training data"
                     )
             tmp = self.dir / f".step_{step}.json.tmp"
@@ -170,4 +170,10 @@ class TaskEvals:
             "num_fewshot": self.cfg.eval.num_fewshot,
             "limit": self.cfg.eval.max_items,
         }
-        return write_report(self.dir, json.loads(last.read_text()), base=base, meta=meta)
+        return write_report(
+            self.dir,
+            json.loads(last.read_text()),
+            base=base,
+            meta=meta,
+            contamination=self.contamination,
+        )
