@@ -298,6 +298,18 @@ def test_eval_decontaminate_reports_both_numbers(tmp_path, capsys):
     md = (out / "eval_report.md").read_text()
     assert "## Contamination" in md and "mc/clean" not in md
 
+    # No training data to compare with: one error line before any model is loaded.
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(
+        f"model: {{path: {model}}}\npeft: {{method: full}}\ntrain: {{steps: 1}}\n"
+        f"eval: {{tasks: [{task}], decontaminate: true}}\nrun: {{dir: {tmp_path / 'bare'}}}\n"
+    )
+    capsys.readouterr()
+    assert main(["eval", str(bare)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: eval.decontaminate needs the training data: set data.train\n"
+    assert not (tmp_path / "bare").exists()
+
 
 def check_clean_scores(report_path, pred_dir):
     """``mc/clean`` in a report is the accuracy of the 8 items other than 3 and 7."""
