@@ -290,6 +290,10 @@ class EvalConfig:
       batch_size: scored (item, choice) rows per forward pass.
       generate_samples: validation prompts to generate answers for in the report.
       max_new_tokens: generation length for samples and generative tasks.
+      decontaminate: also score each multiple-choice task on its clean items, those that
+        share no word 13-gram with the training split (lm-evaluation-harness's
+        convention), reported beside the full score as ``{task}/clean`` (with
+        ``removed``, the items left out); ``eval/contamination.json`` lists them.
     """
 
     tasks: tuple[str, ...] = ()
@@ -301,6 +305,7 @@ class EvalConfig:
     batch_size: int = 32
     generate_samples: int = 3
     max_new_tokens: int = 64
+    decontaminate: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,10 @@ on ``data.validation`` (``--split``) or on ``--data FILE``.
 
 Writes ``DIR/eval_report.json`` (``{task: {metric: value}}``), ``DIR/eval_report.md``
 (one table; before / after columns with ``--compare``), ``DIR/eval_meta.json`` and
-per-item predictions under ``DIR/predictions/``.
+per-item predictions under ``DIR/predictions/``. With ``eval.decontaminate: true`` in the
+config, each multiple-choice task is also scored on its items that share no 13-gram with
+the config's training split (``{task}/clean``), and ``DIR/contamination.json`` lists the
+others.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from pathlib import Path
 
 from jaxtune.config import load_config
 from jaxtune.data import DataConfig, build_datasets
+from jaxtune.data.contamination import record_texts
+from jaxtune.data.splits import load_split
 from jaxtune.errors import ConfigError, DataError
+from jaxtune.eval.contamination import clean_masks
 from jaxtune.eval.generate import SamplingConfig
 from jaxtune.eval.report import compare_table, markdown_table, write_report
 from jaxtune.eval.runner import file_task_kind, parse_tasks, read_generation_task, run_tasks
@@ -127,7 +133,26 @@ def _evaluate(path: str, args, plan, names: list[str], say) -> dict:
         out_dir=plan["out_model"],
         log=say,
         progress=True,
+        clean=plan["clean"],
     )
+
+
+def _decontamination(plan, names: list[str], say) -> dict | None:
+    """``eval.decontaminate``: the clean-item masks (and their report), else None."""
+    cfg = plan["cfg"]
+    if cfg is None or not cfg.eval.decontaminate:
+        return None
+    train = load_split(cfg.data, "train")
+    if train is None:
+        raise ConfigError("eval.decontaminate needs the training data: set data.train")
+    masks, reports = clean_masks(names, record_texts(train), limit=plan["limit"])
+    for task, c in reports.items():
+        say(
+            f"decontaminate {task}: {c['contaminated']} of {c['items']} items share a "
+            f"{c['n']}-gram with the training data"
+        )
+    plan["contamination"] = reports
+    return masks
 
 
 def run(args) -> int:
@@ -148,6 +173,8 @@ def run(args) -> int:
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    # Before any model is loaded: a missing training file fails in a second.
+    plan["clean"] = _decontamination(plan, names, say)
     out = Path(plan["out"])
     base = None
     if plan["base"]:
@@ -168,7 +195,9 @@ def run(args) -> int:
         "dtype": args.dtype,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    paths = write_report(out, results, base=base, meta=meta)
+    paths = write_report(
+        out, results, base=base, meta=meta, contamination=plan.get("contamination")
+    )
     print(compare_table(base, results) if base is not None else markdown_table(results))
     print(f"report: {paths['json']} and {paths['md']}")
     return 0

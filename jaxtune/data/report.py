@@ -9,20 +9,25 @@ writes to ``out_dir``:
 * ``lengths.png``: token-length histogram per split (lengths before truncation), with
   ``seq_len`` marked;
 
-and prints a console table. It returns the ``report.json`` content.
+and prints a console table. Given evaluation items (``eval.tasks``, paired with their
+texts by the CLI), the report also has a Contamination section: per task, the items that
+share a 13-gram with the training split (:mod:`jaxtune.data.contamination`). It returns
+the ``report.json`` content.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxtune.data.config import DataConfig
+from jaxtune.data.contamination import NGRAM, contamination, record_texts
 from jaxtune.data.iterator import BatchIterator, padding_fraction
-from jaxtune.data.splits import SPLITS
+from jaxtune.data.splits import SPLITS, load_split
 from jaxtune.data.tokenized import TokenizedDataset, build_datasets
 
 NUM_RENDERED = 3
@@ -180,6 +185,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     out[4:4] = [*sources[1:], ""]
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
     out += ["", "![token lengths](lengths.png)", ""]
+    if report.get("contamination"):
+        out += contamination_markdown(report["contamination"])
     for name, s in report["splits"].items():
         if s.get("skipped_examples"):
             out += [f"## Skipped rows in {name}", ""]
@@ -188,6 +195,56 @@ def format_markdown(report: dict[str, Any]) -> str:
         for text in s["rendered"]:
             out += ["```", text.replace("```", "` ` `"), "```", ""]
     return "\n".join(out)
+
+
+def contamination_lines(report: dict[str, Any]) -> list[str]:
+    """One console line per task of the report's ``contamination`` section."""
+    lines = []
+    for task, c in report.get("contamination", {}).items():
+        short = f"; {c['too_short']} too short to check" if c["too_short"] else ""
+        lines.append(
+            f"contamination {task}: {c['contaminated']}/{c['items']} items share a "
+            f"{c['n']}-gram with the training data ({100 * c['fraction']:.1f}%{short})"
+        )
+    return lines
+
+
+def contamination_markdown(sections: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines of a Contamination section: a table, then each task's listed items.
+
+    Args:
+      sections: ``{task: report}`` as :func:`~jaxtune.data.contamination.contamination`.
+    """
+    out = [
+        "## Contamination",
+        "",
+        f"Items of each evaluation task that share a word {NGRAM}-gram with the training "
+        "split (lm-evaluation-harness's decontamination convention: lowercased, punctuation "
+        f"removed). Items of fewer than {NGRAM} words are too short to check.",
+        "",
+        "| task | items | checked | too short | contaminated | fraction |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, c in sections.items():
+        out.append(
+            f"| {task} | {c['items']} | {c['checked']} | {c['too_short']} | "
+            f"{c['contaminated']} | {100 * c['fraction']:.1f}% |"
+        )
+    out.append("")
+    for task, c in sections.items():
+        if not c["contaminated"]:
+            continue
+        more = c["contaminated"] - len(c["examples"])
+        out += [f"### Contaminated items of {task}", ""]
+        out += [
+            f"- item `{e['id']}`: {e['ngrams']} shared {c['n']}-grams, e.g. "
+            f'"{e["sample"]}" (training text `{e["train_source"]}`)'
+            for e in c["examples"]
+        ]
+        if more > 0:
+            out.append(f"- and {more} more (all ids in report.json)")
+        out.append("")
+    return out
 
 
 def inspect_data(
@@ -199,6 +256,7 @@ def inspect_data(
     batch_size: int = 8,
     seed: int = 0,
     echo: bool = True,
+    eval_items: Mapping[str, Sequence[tuple[str, str]]] | None = None,
 ) -> dict[str, Any]:
     """Builds the data as training would and writes the report files.
 
@@ -210,12 +268,15 @@ def inspect_data(
       batch_size: batch size used to measure padding.
       seed: order seed used to measure padding (padding depends on batch composition).
       echo: print the console table.
+      eval_items: ``{task: [(item id, item text), ...]}`` to check for contamination
+        against the training split's records; None or empty = no check (no extra pass).
 
     Returns:
       The report: ``format``, ``seq_len``, ``packing``, ``batch_size``, ``files``
       (written paths) and ``splits`` (per split: the dataset stats plus
       ``truncated_pct``, ``padding_pct``, ``loss_mask_coverage_pct``, length summary and
-      ``rendered`` examples).
+      ``rendered`` examples), and with ``eval_items`` ``contamination`` (per task, as
+      :meth:`~jaxtune.data.contamination.EvalNgrams.report`).
 
     Raises:
       DataError: as :func:`~jaxtune.data.build_datasets`.
@@ -230,6 +291,10 @@ def inspect_data(
         "batch_size": batch_size,
         "splits": {n: split_report(ds, batch_size, seed, tokenizer) for n, ds in datasets.items()},
     }
+    if eval_items:
+        train = load_split(cfg, "train")
+        texts = record_texts(train) if train is not None else ()
+        report["contamination"] = contamination(texts, eval_items)
     files = {
         "json": out / "report.json",
         "markdown": out / "report.md",
@@ -241,4 +306,6 @@ def inspect_data(
     files["json"].write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     if echo:
         print(format_console(report))  # the CLI prints where the report went, once
+        for line in contamination_lines(report):
+            print(line)
     return report

@@ -4,7 +4,9 @@
 model (``jaxtune eval --compare BASE``) the base results go to ``eval_report_base.json``
 and ``eval_compare.json`` holds ``{task: {metric: {"base", "model", "delta"}}}``; the
 Markdown report then shows both side by side in one table. Run details (model paths,
-options, timings) go to ``eval_meta.json``.
+options, timings) go to ``eval_meta.json``. Given a contamination check (the items that
+share a 13-gram with the training data), ``contamination.json`` holds it and the Markdown
+report ends with its Contamination section.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 from pathlib import Path
 
 from jaxtune.atomic import atomic_file
+from jaxtune.data.report import contamination_markdown
 
 # Metrics shown in the Markdown tables, in this order (others stay in the JSON only).
 SHOWN = (
@@ -133,6 +136,7 @@ def write_report(
     base: dict | None = None,
     meta: dict | None = None,
     labels: tuple[str, str] = ("before", "after"),
+    contamination: dict | None = None,
 ) -> dict[str, Path]:
     """Writes the JSON and Markdown reports; returns their paths by name.
 
@@ -143,6 +147,8 @@ def write_report(
       meta: run details for ``eval_meta.json`` and the Markdown header (``model``,
         ``base_model``, ``num_fewshot``, ``limit``...).
       labels: column names of base and model in the comparison table.
+      contamination: ``{task: report}``
+        (:func:`jaxtune.eval.contamination.clean_masks`), or None / empty for none.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,6 +168,10 @@ def write_report(
             paths["compare_json"], json.dumps(compare_results(base, results), indent=2) + "\n"
         )
         body = compare_table(base, results, labels)
+    if contamination:
+        paths["contamination"] = out / "contamination.json"
+        atomic_file(paths["contamination"], json.dumps(contamination, indent=1) + "\n")
+        body += "\n" + "\n".join(contamination_markdown(contamination))
     atomic_file(paths["md"], "\n".join(header) + "\n\n" + body)
     paths["meta"] = out / "eval_meta.json"
     atomic_file(paths["meta"], json.dumps(meta, indent=2, default=str) + "\n")

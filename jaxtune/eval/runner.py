@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -29,7 +29,7 @@ from jaxtune.errors import ConfigError, DataError
 from jaxtune.eval import tasks as T
 from jaxtune.eval.analysis import analyze_generations, flat_metrics
 from jaxtune.eval.generate import SamplingConfig, generate_text
-from jaxtune.eval.multiple_choice import evaluate_items, grouped_metrics
+from jaxtune.eval.multiple_choice import accuracy_metrics, evaluate_items, grouped_metrics
 from jaxtune.eval.perplexity import evaluate_loss
 
 PERPLEXITY = ("perplexity", "ppl")
@@ -240,6 +240,7 @@ def run_tasks(
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = print,
     progress: bool = False,
+    clean: Mapping[str, Sequence[bool]] | None = None,
 ) -> dict[str, dict]:
     """Runs evaluation tasks (``jaxtune eval``; the trainer loads once and scores often).
 
@@ -260,10 +261,14 @@ def run_tasks(
       out_dir: if given, per-item predictions / samples go to ``out_dir/predictions/``.
       log: a line per task with every metric (None = silent).
       progress: show each task's progress on stderr (:class:`Progress`).
+      clean: ``eval.decontaminate``: ``{task: [clean?] per item}``
+        (:func:`jaxtune.eval.contamination.clean_masks`); a multiple-choice task in it is
+        also reported on its clean items, as ``{task}/clean``.
 
     Returns:
       ``{task: {metric: value}}``; multiple-choice tasks have ``acc``, ``acc_norm``,
-      ``acc_stderr`` and ``n``.
+      ``acc_stderr`` and ``n``; ``{task}/clean`` the same on the clean items plus
+      ``removed`` (the contaminated items left out).
 
     Raises:
       ConfigError / DataError: unknown task, bad task file, ``perplexity`` without data.
@@ -284,6 +289,7 @@ def run_tasks(
         out_dir=out_dir,
         log=log,
         progress=progress,
+        clean=clean,
     )
 
 
@@ -346,6 +352,7 @@ def score_tasks(
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = print,
     progress: bool = False,
+    clean: Mapping[str, Sequence[bool]] | None = None,
 ) -> dict[str, dict]:
     """Scores tasks loaded by :func:`load_tasks`; arguments and result as :func:`run_tasks`."""
     say = log or (lambda s: None)
@@ -370,12 +377,35 @@ def score_tasks(
                 chat=chat,
                 stop=stop,
                 out=out,
+                clean=(clean or {}).get(key),
             )
         finally:
             if bar is not None:
                 bar.close()
         say(f"{key}: {metrics_line(results[key])} ({time.perf_counter() - t0:.1f}s)")
+        if f"{key}/clean" in results:
+            say(f"{key}/clean: {metrics_line(results[f'{key}/clean'])}")
     return results
+
+
+def clean_metrics(key: str, preds: Sequence[dict], clean: Sequence[bool]) -> dict:
+    """A multiple-choice task's metrics on its clean items only (``eval.decontaminate``).
+
+    Args:
+      key: the task's result key (``mmlu``: the macro average over subjects).
+      preds: N per-item prediction records, in item order.
+      clean: N flags, True = no overlap with the training data.
+
+    Returns:
+      The task's metrics over the clean items, plus ``removed`` (contaminated items).
+    """
+    if len(clean) != len(preds):
+        raise DataError(
+            f"{key}: decontamination mask has {len(clean)} items, the task {len(preds)}"
+        )
+    kept = [p for p, ok in zip(preds, clean, strict=True) if ok]
+    m = grouped_metrics(key, kept)[key] if key == "mmlu" else accuracy_metrics(kept)
+    return {**m, "removed": len(preds) - len(kept)}
 
 
 def _score_one(model, tokenizer, key: str, kind: str, payload, results: dict, bar, **opts) -> None:
@@ -414,5 +444,7 @@ def _score_one(model, tokenizer, key: str, kind: str, payload, results: dict, ba
             results.update(grouped)
         else:
             results[key] = metrics
+        if opts["clean"] is not None:
+            results[f"{key}/clean"] = clean_metrics(key, preds, opts["clean"])
         if out is not None:
             _write_jsonl(out / "predictions" / f"{key}.jsonl", preds)

@@ -230,15 +230,20 @@ BUILTIN = {
 }
 
 
+def mmlu_description(subject: str) -> str:
+    """The subject line before every MMLU prompt (the harness's ``description``)."""
+    name = subject.replace("_", " ")
+    return f"The following are multiple choice questions (with answers) about {name}.\n\n"
+
+
 def mmlu_items(subject: str, num_fewshot: int, limit: int | None) -> list[MCItem]:
     """One MMLU subject: test split, k-shot examples from dev in order."""
-    name = subject.replace("_", " ")
     return render_items(
         mmlu_docs(subject, "test"),
         num_fewshot=num_fewshot,
         fewshot_docs=mmlu_docs(subject, "dev") if num_fewshot else None,
         limit=limit,
-        description=f"The following are multiple choice questions (with answers) about {name}.\n\n",
+        description=mmlu_description(subject),
         group=subject,
     )
 

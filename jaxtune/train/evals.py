@@ -7,7 +7,10 @@
   the run starts, so a typo fails in a second instead of after training. Results are
   logged as ``tasks/<task>/<metric>`` (so ``checkpoint.best_metric`` and early stopping
   can watch them) and written to ``run_dir/eval/``: one JSON per evaluated step and a
-  before/after ``eval_report.md``.
+  before/after ``eval_report.md``. The items of each task that share a 13-gram with the
+  training split are found once, at the start, and listed in ``eval/contamination.json``
+  and the report's Contamination section; with ``eval.decontaminate`` every
+  multiple-choice task is also scored on its clean items, as ``tasks/<task>/clean/...``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from jaxtune.atomic import atomic_file
+from jaxtune.data.contamination import record_texts
+from jaxtune.data.splits import load_split
 from jaxtune.errors import ConfigError
+from jaxtune.eval.contamination import clean_masks
 from jaxtune.eval.generate import SamplingConfig
 from jaxtune.eval.report import write_report
 from jaxtune.eval.runner import default_max_len, load_tasks, parse_tasks, score_tasks
@@ -74,6 +81,8 @@ class TaskEvals:
         self.total_steps = total_steps
         self.dir = Path(run_dir) / "eval"
         self.loaded = {}
+        self.clean: dict[str, list[bool]] | None = None
+        self.contamination: dict[str, dict] = {}
         if not self.names:
             return
         if jax.process_count() > 1:
@@ -89,6 +98,14 @@ class TaskEvals:
             num_fewshot=cfg.eval.num_fewshot,
             eval_data=datasets.get("validation"),
         )
+        # One pass over the raw training records (~15 s per 100k of 200 words), before the
+        # first step; none when the tasks are only perplexity.
+        train = load_split(cfg.data, "train")
+        if train is not None:
+            masks, self.contamination = clean_masks(
+                self.names, record_texts(train), limit=cfg.eval.max_items
+            )
+            self.clean = masks if cfg.eval.decontaminate else None
 
     def __bool__(self) -> bool:
         return bool(self.loaded)
@@ -119,9 +136,19 @@ class TaskEvals:
             sampling=SamplingConfig(max_new_tokens=cfg.eval.max_new_tokens),
             out_dir=self.dir / f"step_{step}",
             log=lambda m: log(f"[eval step {step}] {m}"),
+            clean=self.clean,
         )
         if jax.process_index() == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
+            if self.contamination and not (self.dir / "contamination.json").exists():
+                atomic_file(
+                    self.dir / "contamination.json", json.dumps(self.contamination, indent=1)
+                )
+                for task, c in self.contamination.items():
+                    log(
+                        f"[eval] contamination {task}: {c['contaminated']} of {c['items']} items "
+                        f"share a {c['n']}-gram with the training data"
+                    )
             tmp = self.dir / f".step_{step}.json.tmp"
             tmp.write_text(json.dumps(results, indent=2))
             tmp.replace(self.dir / f"step_{step}.json")
@@ -143,4 +170,10 @@ class TaskEvals:
             "num_fewshot": self.cfg.eval.num_fewshot,
             "limit": self.cfg.eval.max_items,
         }
-        return write_report(self.dir, json.loads(last.read_text()), base=base, meta=meta)
+        return write_report(
+            self.dir,
+            json.loads(last.read_text()),
+            base=base,
+            meta=meta,
+            contamination=self.contamination,
+        )
