@@ -133,7 +133,8 @@ def result_row(run: SweepRun, out: Path, error: str | None = None) -> dict:
     if summary is not None:
         row["steps"] = summary.get("steps", row["steps"])
         for k, v in sorted((summary.get("eval") or {}).items()):
-            if k != "eval/loss" and _num(v) is not None:
+            # eval/tokens is how many tokens were scored, not a result of the run.
+            if k != "eval/loss" and not k.endswith("/tokens") and _num(v) is not None:
                 row[k] = v
     params = (summary or {}).get("params") or {}
     row["trainable_params"] = params.get("trainable")
