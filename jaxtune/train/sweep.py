@@ -271,14 +271,11 @@ def run_configs(
 
 
 @contextlib.contextmanager
-def compilation_cache(cache_dir: Path):
-    """JAX's persistent compilation cache in ``cache_dir`` for the sweep, small CPU
-    programs included; left alone when the process already set a cache directory."""
+def persistent_compile_cache(cache_dir: str | Path):
+    """Uses a persistent XLA compilation cache in ``cache_dir`` in this process while the
+    context lasts, small CPU programs included (tests share it across their runs too)."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
-    if jax.config.jax_compilation_cache_dir:
-        yield
-        return
     names = (
         "jax_compilation_cache_dir",
         "jax_persistent_cache_min_compile_time_secs",
@@ -295,6 +292,17 @@ def compilation_cache(cache_dir: Path):
         for n, v in old.items():
             jax.config.update(n, v)
         cc.reset_cache()
+
+
+@contextlib.contextmanager
+def compilation_cache(cache_dir: Path):
+    """:func:`persistent_compile_cache` for the sweep; left alone when the process already
+    set a cache directory (the user's own wins)."""
+    if jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    with persistent_compile_cache(cache_dir):
+        yield
 
 
 def _check_out(out: Path) -> None:

@@ -9,7 +9,6 @@ step costs milliseconds on CPU and tests can afford many of them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from jaxtune.checkpoint import Checkpointer
 from jaxtune.hf.io import save_hf
 from jaxtune.models import init_model
 from jaxtune.models.llama import LlamaConfig
+from jaxtune.train.sweep import persistent_compile_cache  # noqa: F401  (tests use T.persistent_compile_cache)
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
@@ -152,29 +152,6 @@ def compile_cache_env(cache_dir: str | Path) -> dict[str, str]:
     executables turns all but the first compilation into a disk read.
     """
     return {"JAX_COMPILATION_CACHE_DIR": str(cache_dir), **CACHE_ENV}
-
-
-@contextlib.contextmanager
-def persistent_compile_cache(cache_dir: str | Path):
-    """Uses a persistent XLA compilation cache in this process while the context lasts."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(cache_dir))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], -1)
-    cc.reset_cache()  # the cache decides once whether it is on: make it look again
-    try:
-        yield
-    finally:
-        for n, v in old.items():
-            jax.config.update(n, v)
-        cc.reset_cache()
 
 
 # A fact SmolLM2 cannot know, taught by a short chat LoRA run (make test-llamacpp and
