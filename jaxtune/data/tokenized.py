@@ -388,7 +388,12 @@ def build_split(
     key = _cache_key(cfg, source, tokenizer, seq_len, label_names, cache_dir)
     final = cache_dir / f"{source.split}-{key}"
     if use_cache and (final / "meta.json").exists():
-        return TokenizedDataset(final, cfg, _pad_id(tokenizer))
+        ds = TokenizedDataset(final, cfg, _pad_id(tokenizer))
+        # The key is the files' content: the entry may have been built from a copy of them
+        # elsewhere, but reports name the files this config reads.
+        ds.source_paths = [str(p) for p in source.paths]
+        ds.held_out = source.held_out
+        return ds
     # A rebuild (use_cache off) replaces the entry; else a concurrent build's entry wins.
     with cache_entry(final, replace=not use_cache) as tmp:
         writer = _Writer(tmp)
