@@ -154,3 +154,34 @@ def flat_metrics(summary: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+# Error-analysis categories of one answer, in the order they are checked (the first that
+# applies wins): what a reviewer would file the answer under.
+CATEGORIES = ("empty", "repetitive", "too long", "exact match", "partial", "wrong", "answered")
+
+
+def error_category(sample: dict) -> str:
+    """The category of one sample of :func:`analyze_generations`.
+
+    ``empty``: only whitespace; ``repetitive``: degenerate n-gram loops; ``too long``: hit
+    the token limit without ending; then, against a reference, ``exact match`` (SQuAD
+    normalisation), ``partial`` (token F1 >= 0.5) or ``wrong``; ``answered`` without one.
+    """
+    if sample["empty"]:
+        return "empty"
+    if sample["degenerate"]:
+        return "repetitive"
+    if sample["truncated"]:
+        return "too long"
+    if "exact_match" not in sample:
+        return "answered"
+    if sample["exact_match"]:
+        return "exact match"
+    return "partial" if sample["f1"] >= 0.5 else "wrong"
+
+
+def category_counts(samples: Sequence[dict]) -> dict[str, int]:
+    """``{category: count}`` over samples, every category present, in :data:`CATEGORIES` order."""
+    counts = Counter(error_category(s) for s in samples)
+    return {c: counts.get(c, 0) for c in CATEGORIES}
