@@ -288,12 +288,20 @@ class EvalConfig:
         (``eval/eval_report.md`` in the run directory).
       num_fewshot: solved examples before each multiple-choice question.
       batch_size: scored (item, choice) rows per forward pass.
-      generate_samples: validation prompts to generate answers for in the report.
+      generate_samples: validation prompts the model answers (greedy) before and after
+        training, shown side by side in ``report.md`` with each answer's error category
+        (empty, repetitive, cut off, exact match, other); 0 = none.
       max_new_tokens: generation length for samples and generative tasks.
       decontaminate: also score each multiple-choice task on its clean items, those that
         share no word 13-gram with the training split (lm-evaluation-harness's
         convention), reported beside the full score as ``{task}/clean`` (with
         ``removed``, the items left out); ``eval/contamination.json`` lists them.
+      retention: general multiple-choice benchmarks scored zero-shot on the base model
+        and on the fine-tuned one, to measure forgetting: the change is reported in
+        ``report.md``, ``summary.json`` and sweep tables (``retention/change``). ``[]``
+        turns it off. Language-model runs only (not classifier heads).
+      retention_items: the first N items of each retention task (200 items: about +-3.5
+        points of standard error on accuracy).
     """
 
     tasks: tuple[str, ...] = ()
@@ -306,6 +314,8 @@ class EvalConfig:
     generate_samples: int = 3
     max_new_tokens: int = 64
     decontaminate: bool = False
+    retention: tuple[str, ...] = ("arc_easy", "hellaswag")
+    retention_items: int = 200
 
 
 @dataclass(frozen=True)
@@ -437,7 +447,7 @@ _RANGE_GROUPS = {
     "> 0": """model.max_seq_len data.max_examples peft.rank peft.alpha peft.adapter_size
         peft.adapter_reduction optim.lr optim.eps optim.grad_clip train.steps train.epochs
         train.batch_size train.seq_len train.max_eval_batches eval.max_items
-        eval.max_new_tokens eval.batch_size preference.beta""",
+        eval.max_new_tokens eval.batch_size eval.retention_items preference.beta""",
     ">= 0": """preference.simpo_gamma model.loss_chunk data.split_seed peft.unfreeze_top_layers peft.head_hidden optim.warmup_steps
         optim.weight_decay train.seed train.eval_every train.early_stopping_patience
         checkpoint.every eval.every eval.generate_samples eval.num_fewshot""",

@@ -38,6 +38,7 @@ _FIXED = (
     "trainable_params",
     "wall_time_s",
     "tokens_per_sec",
+    "retention",  # results.json only; results.md shows retention_change
 )
 _FINISHED = ("completed", "early stopped")
 
@@ -132,10 +133,17 @@ def result_row(run: SweepRun, out: Path, error: str | None = None) -> dict:
         row["error"] = error
     if summary is not None:
         row["steps"] = summary.get("steps", row["steps"])
-        for k, v in sorted((summary.get("eval") or {}).items()):
+        ev = summary.get("eval") or {}
+        for k, v in sorted(ev.items()):
             # eval/tokens is how many tokens were scored, not a result of the run.
-            if k != "eval/loss" and not k.endswith("/tokens") and _num(v) is not None:
+            skip = k == "eval/loss" or k.endswith("/tokens") or k.startswith("retention/")
+            if not skip and _num(v) is not None:
                 row[k] = v
+        # One column (the mean change); every number of it in results.json.
+        retention = {k.split("/", 1)[1]: v for k, v in ev.items() if k.startswith("retention/")}
+        if retention:
+            row["retention_change"] = retention.get("change")
+            row["retention"] = retention
     params = (summary or {}).get("params") or {}
     row["trainable_params"] = params.get("trainable")
     row["wall_time_s"] = (summary or {}).get("seconds")

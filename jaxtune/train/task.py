@@ -57,6 +57,9 @@ class Task:
     name: ClassVar[str] = ""
     # Keys of one micro-batch the step consumes -> ndim ([B] = 1, [B, T] = 2).
     batch_ndims: ClassVar[dict[str, int]] = {}
+    # Whether the trained model is a causal LM (generation samples and retention
+    # benchmarks apply); False for a classifier head.
+    language_model: ClassVar[bool] = True
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

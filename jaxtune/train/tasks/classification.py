@@ -64,6 +64,7 @@ class Classification(Task):
 
     name = "classification"
     batch_ndims = {"input_ids": 2, "attention_mask": 2, "labels": 1}
+    language_model = False
 
     def __init__(self, cfg):
         super().__init__(cfg)
