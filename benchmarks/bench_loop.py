@@ -57,6 +57,7 @@ def train_config(spec: dict, run_dir: Path) -> dict:
             "seed": spec["seed"],
         },  # fmt: skip
         "checkpoint": {"every": 0},
+        "eval": {"retention": [], "generate_samples": 0},  # the step is measured, not evals
         "run": {"dir": str(run_dir)},
     }
 

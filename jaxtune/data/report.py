@@ -166,24 +166,30 @@ def format_console(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: config summary, table, skipped rows, rendered examples."""
+def markdown_summary(report: dict[str, Any]) -> list[str]:
+    """Markdown lines: the settings line, each split's source files, the numbers table.
+
+    Args:
+      report: ``{"format", "seq_len", "packing", "batch_size", "splits": {split:
+        :func:`split_report`}}`` (``rendered`` examples are not needed here).
+    """
     rows = _table(report)
     out = [
-        "# Data report",
-        "",
         f"format `{report['format']}`, seq_len {report['seq_len']}, "
         f"packing {report['packing']}, batch size {report['batch_size']}",
         "",
-        "| " + " | ".join(rows[0]) + " |",
-        "|" + "---|" * len(rows[0]),
     ]
-    sources = [""]
     for name, s in report["splits"].items():
         where = ", ".join(f"`{p}`" for p in s["source_files"])
-        sources.append(f"- {name}: {where}" + (f" ({s['held_out']})" if s["held_out"] else ""))
-    out[4:4] = [*sources[1:], ""]
+        out.append(f"- {name}: {where}" + (f" ({s['held_out']})" if s["held_out"] else ""))
+    out += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
+    return out
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: config summary, table, skipped rows, rendered examples."""
+    out = ["# Data report", "", *markdown_summary(report)]
     out += ["", "![token lengths](lengths.png)", ""]
     if report.get("contamination"):
         out += contamination_markdown(report["contamination"])
@@ -247,6 +253,25 @@ def contamination_markdown(sections: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def data_summary(
+    cfg: DataConfig,
+    datasets: Mapping[str, TokenizedDataset],
+    tokenizer,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """``{"format", "seq_len", "packing", "batch_size", "splits": {split: split_report}}``
+    of already built splits (the trainer's run report; :func:`inspect_data`)."""
+    return {
+        "format": cfg.format,
+        "seq_len": seq_len,
+        "packing": cfg.packing,
+        "batch_size": batch_size,
+        "splits": {n: split_report(ds, batch_size, seed, tokenizer) for n, ds in datasets.items()},
+    }
+
+
 def inspect_data(
     cfg: DataConfig,
     tokenizer,
@@ -284,13 +309,7 @@ def inspect_data(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets = build_datasets(cfg, tokenizer, seq_len, SPLITS)
-    report: dict[str, Any] = {
-        "format": cfg.format,
-        "seq_len": seq_len,
-        "packing": cfg.packing,
-        "batch_size": batch_size,
-        "splits": {n: split_report(ds, batch_size, seed, tokenizer) for n, ds in datasets.items()},
-    }
+    report = data_summary(cfg, datasets, tokenizer, seq_len, batch_size, seed)
     if eval_items:
         train = load_split(cfg, "train")
         texts = record_texts(train) if train is not None else ()

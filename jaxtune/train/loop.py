@@ -36,6 +36,7 @@ from jaxtune.atomic import atomic_file
 from jaxtune.checkpoint import Checkpointer
 from jaxtune.config import Config, save_config, validate_against_devices
 from jaxtune.data import BatchIterator, build_datasets
+from jaxtune.data.report import data_summary
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.loading import load_tokenizer
 from jaxtune.optim import lr_schedule
@@ -43,7 +44,10 @@ from jaxtune.sharding import device_batch, make_mesh
 from jaxtune.train.evals import TaskEvals, improved
 from jaxtune.train.logger import MetricsLogger
 from jaxtune.train.preflight import check_positions
+from jaxtune.train.report import write_run_report
+from jaxtune.train.retention import Retention
 from jaxtune.train.run_dir import check_resume, plan_start, writing
+from jaxtune.train.samples import Samples
 from jaxtune.train.state import make_state, setup_step
 from jaxtune.train.step import stack_micro_batches
 from jaxtune.train.tasks import task_for
@@ -226,6 +230,11 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None, init_model) -> di
     graphdef, frozen = setup.graphdef, setup.frozen
     schedule = lr_schedule(cfg.optim, n_steps)
     evals = TaskEvals(cfg, tokenizer, datasets, graphdef, run_dir, n_steps)
+    lm = task.language_model
+    retention = Retention(
+        cfg, tokenizer, graphdef, run_dir, language_model=lm, mesh_shape=dict(mesh.shape)
+    )
+    samples = Samples(cfg, tokenizer, datasets, graphdef, run_dir, language_model=lm)
     ckpt, logger = None, None
     try:
         start_step, params, opt_state = 0, setup.params, setup.opt_state
@@ -256,6 +265,11 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None, init_model) -> di
         def model_of(params) -> nnx.Module:
             return nnx.merge(graphdef, params, frozen)
 
+        if start_step == 0:  # the "before" columns of the report: the base model
+            if evals.due(0):
+                evals.run(0, state["params"], frozen)
+            retention.before(state["params"], frozen)
+            samples.run("before", state["params"], frozen)
         logger = MetricsLogger(
             run_dir, cfg, n_steps, start_step, params=info, devices=list(mesh.devices.flat)
         )
@@ -274,8 +288,6 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None, init_model) -> di
         stop_reason = "completed"
         lead = 0 if cfg.train.grad_accum == 1 else 1
         watched = cfg.train.early_stopping_metric
-        if evals.due(start_step) and start_step == 0:
-            evals.run(0, state["params"], frozen)  # the "before" column of the report
         for step in range(start_step, n_steps):
             if pre.agreed():
                 stop_reason = f"stopped by {pre.signal}"
@@ -340,6 +352,10 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None, init_model) -> di
         if report is not None:
             print(f"evaluation report: {report['md']}")
         final_eval = {k: v for k, v in logger.last.items() if k.startswith(("eval/", "tasks/"))}
+        if stop_reason == "completed" or stop_reason.startswith("early stopping"):
+            # A stopped run has more steps to go: it is scored when it finishes.
+            final_eval.update(retention.after(final_step, state["params"], frozen))
+            samples.run("after", state["params"], frozen)
         final_eval.update(task.finish(model_of(state["params"]), datasets, run_dir, final_step))
         summary_out = {
             "run_dir": str(run_dir),
@@ -352,7 +368,20 @@ def _train(cfg: Config, pre: _Preempt, stop_after: int | None, init_model) -> di
             "params": {k: info.get(k) for k in ("trainable", "total")},
         }
         if jax.process_index() == 0:
-            (run_dir / "summary.json").write_text(json.dumps(summary_out, indent=2))
+            data = data_summary(
+                cfg.data,
+                datasets,
+                tokenizer,
+                cfg.train.seq_len,
+                cfg.train.batch_size,
+                cfg.train.seed,
+            )
+            for s in data["splits"].values():
+                s.pop("rendered", None)  # examples: `jaxtune data inspect` shows them
+            atomic_file(
+                run_dir / "summary.json", json.dumps({**summary_out, "data": data}, indent=2)
+            )
+            print(f"run report: {write_run_report(run_dir)}")
         return summary_out
     finally:
         # On an error path: stop Orbax's threads (no "Event loop is closed" noise) and

@@ -51,10 +51,10 @@ OWNED = frozenset(
         "labels.json",  # train/classification.py
         "classification_report.json",  # train/classification.py
         "classification_report.md",  # train/classification.py
-        "eval",  # train/evals.py (eval.tasks) and `jaxtune eval CONFIG`'s default --out
+        "eval",  # train/evals.py, retention.py, samples.py; `jaxtune eval CONFIG`'s --out
         "data_report",  # `jaxtune data inspect`'s default --out
         "export",  # scripts/quickstart.py (export/merged)
-        "report.md",  # scripts/quickstart.py
+        "report.md",  # train/report.py (scripts/quickstart.py adds its section)
     }
 )
 # What jaxtune's other commands leave in a run.dir without a marker (an older `jaxtune

@@ -89,7 +89,9 @@ def write_reverse_data(path: str | Path, n: int = 64, seed: int = 0) -> Path:
 def write_config(path: str | Path, model_dir, data_file, run_dir, **sections: str) -> Path:
     """A small LoRA run config; ``sections`` replace whole YAML sections (flow mappings).
 
-    Lengths are bucketed to ``train.seq_len`` (one batch shape: one compilation).
+    Lengths are bucketed to ``train.seq_len`` (one batch shape: one compilation). The
+    retention benchmarks and generation samples are off unless the ``eval`` section names
+    them: they cost a minute on a real model and measure nothing on a tiny random one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,10 +107,22 @@ def write_config(path: str | Path, model_dir, data_file, run_dir, **sections: st
         "checkpoint": "{every: 2, async_save: true}",
         "logging": "{progress: false}",
         "run": f"{{dir: {run_dir}}}",
+        "eval": "{}",
     }
     defaults.update(sections)
+    defaults["eval"] = quiet_eval(defaults["eval"])
     path.write_text("\n".join(f"{k}: {v}" for k, v in defaults.items()) + "\n")
     return path
+
+
+def quiet_eval(section: str) -> str:
+    """An ``eval`` flow mapping with ``retention: []`` and ``generate_samples: 0`` added
+    unless it sets them."""
+    body = section.strip()[1:-1].strip()
+    for key, off in (("retention", "[]"), ("generate_samples", "0")):
+        if f"{key}:" not in body:
+            body = f"{key}: {off}" + (f", {body}" if body else "")
+    return f"{{{body}}}"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -195,6 +209,7 @@ def write_mascot_run_config(root: str | Path, model_path: str | Path) -> Path:
         "optim: {lr: 0.002, schedule: cosine, warmup_steps: 2}\n"
         "train: {steps: 24, batch_size: 8, seq_len: 96, seed: 0}\n"
         "checkpoint: {every: 0, async_save: false}\n"
+        f"eval: {quiet_eval('{}')}\n"
         f"run: {{dir: {root / 'run'}}}\n"
     )
     return cfg
