@@ -107,9 +107,17 @@ class Samples:
         term = turn_terminator(tok) if getattr(tok, "chat_template", None) else None
         if term is not None and term not in eos:
             eos = sorted({*eos, term})
-        sampling = SamplingConfig(max_new_tokens=self.cfg.eval.max_new_tokens)
+        new = self.cfg.eval.max_new_tokens
+        prompts = [p for p, _ in self.items]
+        max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        if max_pos:
+            # Prompt + answer must fit the model's positions (learned position embeddings
+            # would silently clamp): keep the prompts' ends, as training truncates.
+            new = min(new, max(1, max_pos // 2))
+            prompts = [p[-(max_pos - new) :] for p in prompts]
+        sampling = SamplingConfig(max_new_tokens=new)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        outs, stats = generate_ids(model, [p for p, _ in self.items], eos, sampling, pad)
+        outs, stats = generate_ids(model, prompts, eos, sampling, pad)
         texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
         refs = [tok.decode(r, skip_special_tokens=True) for _, r in self.items]
         analysis = analyze_generations(
