@@ -35,7 +35,8 @@ def hf_gguf_parses_once():
     tokens on 2 cores); mapping the weights rebuilds ``gguf.get_tensor_name_map`` once per
     submodule (~400 times). All three are pure functions of their arguments, so they are
     memoized here (a file by its path, inode, size and mtime) and parsed dicts are handed
-    out as deep copies: transformers' own code runs unchanged on the same values.
+    out as deep copies: transformers' own code runs unchanged on the same values. The
+    patches last from the first test that asks for this fixture to the end of the session.
     """
     import copy
     from collections import OrderedDict
@@ -44,7 +45,7 @@ def hf_gguf_parses_once():
     from transformers import modeling_gguf_pytorch_utils as mgu
 
     name_maps: dict = {}
-    readers: OrderedDict = OrderedDict()  # one reader: the weights load right after the config
+    readers: OrderedDict = OrderedDict()  # one reader, the config's, until its weights load
     parsed: OrderedDict = OrderedDict()
     reader_cls, load_checkpoint = gguf.GGUFReader, mgu.load_gguf_checkpoint
     name_map_fn = gguf.get_tensor_name_map
@@ -60,11 +61,14 @@ def hf_gguf_parses_once():
 
     def cached_load(path, return_tensors=False, model_to_load=None, torch_dtype=None):
         if return_tensors or model_to_load is not None:
-            return load_checkpoint(path, return_tensors, model_to_load, torch_dtype)
+            try:
+                return load_checkpoint(path, return_tensors, model_to_load, torch_dtype)
+            finally:
+                readers.clear()  # the weights come last: free the parsed metadata
         key = (_file_key(path), torch_dtype)
         if key not in parsed:
             parsed[key] = load_checkpoint(path, torch_dtype=torch_dtype)
-            while len(parsed) > 4:
+            while len(parsed) > 2:
                 parsed.popitem(last=False)
         return copy.deepcopy(parsed[key])
 
