@@ -36,7 +36,7 @@ from jaxtune.eval.reference import (
 from jaxtune.eval.scoring import ChoiceScores, encode_request, score_token_requests
 from jaxtune.eval.tasks import load_task
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("hf_gguf_parses_once")]
 
 # 50 items keep `make test` inside its time budget; JAXTUNE_ARC_PARITY_ITEMS=570 scores all.
 N_ITEMS = int(os.environ.get("JAXTUNE_ARC_PARITY_ITEMS", "50"))

@@ -66,6 +66,7 @@ def test_config(gemma3_gguf):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("hf_gguf_parses_once")
 def test_logits_and_tokenizer_match_transformers_gguf_load(gemma3_gguf, gemma3_tokenizer):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -484,7 +484,7 @@ def test_light_reader_matches_gguf_reader_on_real_file(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def reference_model(smollm2_gguf):
+def reference_model(smollm2_gguf, hf_gguf_parses_once):
     """transformers' own GGUF load of the real file (torch; ~25 s, once per module)."""
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM

@@ -37,6 +37,8 @@ LLAMA3_TEMPLATE = (
     "\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
+# transformers reads each exported file three times (tokenizer, config, weights): parse once.
+pytestmark = pytest.mark.usefixtures("hf_gguf_parses_once")
 CORPUS = [*PROBE_TEXTS, *(f"hello world, this is test sentence number {i}." for i in range(200))]
 TEXTS = [*PROBE_TEXTS, "What is 2 + 2? Four.", "unseen: Zebra quartz vexing jumps"]
 

@@ -12,7 +12,7 @@ from jaxtune.api import load_tokenizer
 from jaxtune.eval.generate import SamplingConfig, generate_text
 from jaxtune.verify import numpy_logits
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("hf_gguf_parses_once")]
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Machine learning models are trained on large "
