@@ -367,6 +367,7 @@ def _numeric(metrics: dict) -> dict:
         if isinstance(value, float) and not math.isfinite(value):
             continue
         name, _, filt = key.partition(",")
+        name = "n" if name == "sample_len" else name  # jaxtune's report calls it n
         out[name if filt in ("", "none") else f"{name}/{filt}"] = value
     return out
 
