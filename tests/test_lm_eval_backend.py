@@ -27,6 +27,8 @@ from jaxtune.cli import main
 from jaxtune.eval.harness import JaxtuneLM
 from jaxtune.eval.harness_cli import main as harness_main
 from jaxtune.eval.harness_tasks import write_offline_tasks
+from jaxtune.eval.scoring import score_requests
+from jaxtune.loading import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -231,3 +233,21 @@ def test_lm_eval_flag_without_the_extra_is_one_error_line(monkeypatch, capsys, t
     assert rc == 2 and len(err) == 1
     assert err[0].startswith('error: --lm-eval needs lm-evaluation-harness: pip install "jaxtune')
     assert not (tmp_path / "o").exists()
+
+
+def test_run_directory_scores_with_its_adapters(tiny_run):
+    """A jaxtune run dir (LoRA run, latest checkpoint) is a --model jaxtune pretrained=."""
+    run = tiny_run["run"]
+    lm = JaxtuneLM(pretrained=str(run), batch_size=8)
+    pairs = [("reverse: a b c\n", " c b a"), ("reverse: a b c\n", " a b c"), ("x y", " z")]
+    ours = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    # jaxtune's own scorer on the run as from_pretrained loads it (adapters unmerged).
+    ref = score_requests(jaxtune.from_pretrained(run), load_tokenizer(run), pairs, max_len=2049)
+    np.testing.assert_allclose([lp for lp, _ in ours], ref[:, 0], rtol=1e-4, atol=1e-4)
+    base = JaxtuneLM(pretrained=str(tiny_run["model"]), batch_size=8)
+    assert [
+        lp
+        for lp, _ in base.loglikelihood(
+            [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+        )
+    ] != [lp for lp, _ in ours]  # the adapters are applied
