@@ -65,7 +65,6 @@ from tqdm import tqdm
 from jaxtune.atomic import atomic_file
 from jaxtune.errors import ConfigError
 from jaxtune.eval.generate import SamplingConfig, eos_token_ids, generate_ids
-from jaxtune.eval.runner import default_max_len
 from jaxtune.eval.scoring import score_token_requests
 from jaxtune.loading import from_pretrained, load_tokenizer
 from jaxtune.models import DTYPES
@@ -78,7 +77,7 @@ MODEL_ARGS = {
     "pretrained": "HF dir, .gguf file, pkg: path, jaxtune checkpoint or run dir",
     "dtype": f"parameter dtype ({', '.join(DTYPES)}; default float32)",
     "batch_size": "(request, continuation) rows per forward pass (default 32)",
-    "max_length": "token budget per sequence (default min(2048, max positions))",
+    "max_length": "token budget per sequence (default: the model's max positions, else 2048)",
     "max_gen_toks": "generate_until default max new tokens (default 256)",
     "add_bos_token": "prepend BOS when encoding (default: the tokenizer's own setting)",
     "seed": "sampling seed for do_sample generation (default 1234)",
@@ -166,7 +165,10 @@ class JaxtuneLM(TemplateLM):
             model = merged_copy(model)
         self.model = model
         self.tokenizer = load_tokenizer(tokenizer or self.pretrained)
-        self._max_length = _as_int("max_length", max_length, default_max_len(model))
+        # lm-eval's hf backend defaults to the config's max positions (else 2048); the same
+        # default keeps loglikelihood_rolling's windows, and so perplexities, comparable.
+        positions = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        self._max_length = _as_int("max_length", max_length, positions)
         self._eos_ids = eos_token_ids(model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self._pad_id = int(pad) if pad is not None else 0
