@@ -153,6 +153,27 @@ def test_loglikelihood_rolling_matches_hf_backend(hf_dir):
     np.testing.assert_allclose(ours, ref, rtol=1e-4)
 
 
+def test_chat_template_and_tokenization_match_hf_backend(jax_lm, hf_lm):
+    history = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Question: What is 2 + 3?"},
+        {"role": "assistant", "content": "Answer: 5"},
+        {"role": "user", "content": "Question: And 4 + 4?"},
+    ]
+    assert jax_lm.chat_template(True) == hf_lm.chat_template(True)
+    for gen in (True, False):
+        text = jax_lm.apply_chat_template(history[: 4 if gen else 3], add_generation_prompt=gen)
+        assert text == hf_lm.apply_chat_template(history[: 4 if gen else 3], gen)
+        # A rendered prompt starts with the template's BOS: neither backend adds another.
+        assert jax_lm.tok_encode(text) == hf_lm.tok_encode(text)
+    assert jax_lm.tok_encode("Question: x\nAnswer:") == hf_lm.tok_encode("Question: x\nAnswer:")
+    assert (jax_lm.prefix_token_id, jax_lm.eot_token_id, jax_lm.max_length) == (
+        hf_lm.prefix_token_id,
+        hf_lm.eot_token_id,
+        hf_lm.max_length,
+    )
+
+
 def lm_eval_command() -> list[str]:
     """``lm-eval`` itself where lm-eval resolves model entry points, else lm-eval's CLI via
     ``python -m jaxtune.eval.harness_cli`` (lm-eval 0.4.13 only knows built-in models)."""
