@@ -163,7 +163,7 @@ def _decontamination(plan, names: list[str], say) -> dict | None:
 def _lm_eval(args, plan, say) -> dict:
     """``--lm-eval``: lm-eval's tasks through the ``jaxtune`` backend; ``{lm_eval/task: ..}``."""
     # Only here: the backend module imports lm_eval, an optional extra.
-    from jaxtune.eval.harness import run_lm_eval
+    from jaxtune.eval.harness_run import run_lm_eval
 
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
     say(f"== lm-eval: {', '.join(tasks)} on {plan['model']}")

@@ -38,31 +38,25 @@ import torch, and neither does this backend.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
-from pathlib import Path
 
 # lm-eval registers its built-in backends only while its registry is empty: importing
 # lm_eval.models first keeps `--model hf` & co. resolvable once `jaxtune` is registered.
 import lm_eval.models  # noqa: F401
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.evaluator import simple_evaluate
 from lm_eval.models.utils import (
     handle_stop_sequences,
     normalize_gen_kwargs,
     postprocess_generated_text,
 )
-from lm_eval.tasks import TaskManager
 from lm_eval.utils import (
     get_rolling_token_windows,
-    handle_non_serializable,
     make_disjoint_window,
     simple_parse_args_string,
 )
 from tqdm import tqdm
 
-from jaxtune.atomic import atomic_file
 from jaxtune.errors import ConfigError
 from jaxtune.eval.generate import SamplingConfig, eos_token_ids, generate_ids
 from jaxtune.eval.scoring import score_token_requests
@@ -70,7 +64,7 @@ from jaxtune.loading import from_pretrained, load_tokenizer
 from jaxtune.models import DTYPES
 from jaxtune.peft import has_adapters, has_lora, merged_copy
 
-__all__ = ["MODEL_ARGS", "JaxtuneLM", "run_lm_eval"]
+__all__ = ["MODEL_ARGS", "JaxtuneLM"]
 
 # model_args keys, with what they mean (the error for an unknown key lists them).
 MODEL_ARGS = {
@@ -156,7 +150,10 @@ class JaxtuneLM(TemplateLM):
         self.batch_size = _as_int("batch_size", batch_size, 32)
         self.max_gen_toks = _as_int("max_gen_toks", max_gen_toks, 256)
         self.add_bos_token = _as_bool("add_bos_token", add_bos_token)
-        self.seed = int(seed)
+        try:
+            self.seed = int(seed)
+        except (TypeError, ValueError):
+            raise ConfigError(f"model_args seed: got {seed!r}, expected an integer") from None
         self.pretrained = str(pretrained)
         model = from_pretrained(self.pretrained, dtype=dtype)
         if has_lora(model) and not has_adapters(model):
@@ -358,80 +355,3 @@ class JaxtuneLM(TemplateLM):
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**{**extra, **arg_dict})
-
-
-def _numeric(metrics: dict) -> dict:
-    """lm-eval's ``{"acc,none": .., "alias": ..}`` -> ``{"acc": ..}``, numbers only."""
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            continue
-        name, _, filt = key.partition(",")
-        name = "n" if name == "sample_len" else name  # jaxtune's report calls it n
-        out[name if filt in ("", "none") else f"{name}/{filt}"] = value
-    return out
-
-
-def run_lm_eval(
-    model_args: dict,
-    tasks: Sequence[str],
-    out_dir: str | Path,
-    *,
-    limit: int | float | None = None,
-    num_fewshot: int | None = None,
-    include_path: str | None = None,
-    apply_chat_template: bool = False,
-    seed: int = 1234,
-) -> dict:
-    """Runs lm-eval tasks on a jaxtune model; writes lm-eval's results beside jaxtune's.
-
-    Args:
-      model_args: :class:`JaxtuneLM` keyword arguments (``pretrained`` at least).
-      tasks: lm-eval task (or group) names, resolved with ``include_path`` added.
-      out_dir: gets ``lm_eval_results.json`` (lm-eval's results dict, without samples)
-        and ``lm_eval_samples/<task>.jsonl`` (lm-eval's per-item log).
-      limit: first N items per task (a float < 1: that fraction), as lm-eval's --limit.
-      num_fewshot: None keeps each task's own default.
-      include_path: a directory of extra task YAMLs (lm-eval's --include_path).
-      apply_chat_template: render prompts with the tokenizer's chat template.
-      seed: lm-eval's random / numpy / few-shot seeds.
-
-    Returns:
-      ``{task: {metric: value}}`` (numbers only; ``metric/filter`` for filtered metrics),
-      the shape of ``jaxtune eval``'s report.
-    """
-    manager = TaskManager(include_path=include_path)
-    missing = [t for t in tasks if t not in manager.all_tasks]
-    if missing:
-        where = f" (with --include-path {include_path})" if include_path else ""
-        raise ConfigError(
-            f"--lm-eval: unknown lm-eval task(s) {', '.join(missing)}{where}; "
-            "`lm-eval ls tasks` lists them"
-        )
-    lm = JaxtuneLM(**model_args)
-    results = simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        log_samples=True,
-        task_manager=manager,
-        apply_chat_template=apply_chat_template,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=None,  # nothing here uses torch: do not import it to seed it
-        fewshot_random_seed=seed,
-    )
-    out = Path(out_dir)
-    (out / "lm_eval_samples").mkdir(parents=True, exist_ok=True)
-    samples = results.pop("samples", {}) or {}
-    for task, rows in samples.items():
-        text = "".join(json.dumps(r, default=handle_non_serializable) + "\n" for r in rows)
-        atomic_file(out / "lm_eval_samples" / f"{task}.jsonl", text)
-    atomic_file(
-        out / "lm_eval_results.json",
-        json.dumps(results, indent=2, default=handle_non_serializable) + "\n",
-    )
-    return {task: _numeric(m) for task, m in results["results"].items()}
