@@ -272,3 +272,18 @@ def test_run_directory_scores_with_its_adapters(tiny_run):
             [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
         )
     ] != [lp for lp, _ in ours]  # the adapters are applied
+
+
+def test_jaxtune_imports_neither_lm_eval_nor_torch():
+    """The extra is optional: jaxtune, jaxtune.eval and the CLI never import lm_eval; the
+    backend imports lm_eval's API, which (0.4.13) does not import torch."""
+    code = (
+        "import sys, jaxtune, jaxtune.eval, jaxtune.cli, jaxtune.cli.eval\n"
+        "print('lm_eval' in sys.modules, 'torch' in sys.modules)\n"
+        "import jaxtune.eval.harness, jaxtune.eval.harness_run\n"
+        "print('lm_eval' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split("\n")
+    assert out[:2] == ["False False", "True False"]
