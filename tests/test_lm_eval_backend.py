@@ -128,13 +128,20 @@ def test_gsm8k_generate_until_matches_hf_greedy_and_honours_stops(jax_lm, hf_lm,
     texts = [s["resps"][0][0] for s in ours]
     assert texts == [s["resps"][0][0] for s in ref]
     assert any(texts) and not any("\n" in t or "Question:" in t for t in texts)
-    # Without the newline stop the same greedy text runs on past the cut point.
-    kw = {"num_fewshot": 1, "gen_kwargs": {"max_gen_toks": 24, "until": ["Question:"]}}
-    longer = evaluate(jax_lm, "gsm8k_offline", tasks, 2, **kw)
+    # The same prompts without the newline stop: the greedy text runs on past the cut.
+    prompts = {s["doc_id"]: s["arguments"][0][0] for s in ours}
+    longer = jax_lm.generate_until(
+        [
+            Instance("generate_until", {}, (p, {"max_gen_toks": 24, "until": ["Question:"]}), i)
+            for i, p in prompts.items()
+        ],
+        disable_tqdm=True,
+    )
+    short = {s["doc_id"]: s["resps"][0][0] for s in ours}
     cut = 0
-    for short, full in zip(texts, (s["resps"][0][0] for s in longer), strict=True):
-        assert full.startswith(short)
-        cut += full[len(short) :].startswith("\n")
+    for i, full in zip(prompts, longer, strict=True):
+        assert full.startswith(short[i])
+        cut += full[len(short[i]) :].startswith("\n")
     assert cut >= 1
 
 
