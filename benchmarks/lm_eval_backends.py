@@ -73,7 +73,9 @@ def main(argv: list[str]) -> int:
 
     tasks = {"arc_easy_offline": args.arc, "hellaswag_offline": args.hellaswag}
     tasks = {t: n for t, n in tasks.items() if n > 0}
-    tmp = Path(tempfile.mkdtemp(prefix="lm_eval_bench_"))
+    # The float32 HF export is ~0.5 GB: removed when the run ends.
+    workdir = tempfile.TemporaryDirectory(prefix="lm_eval_bench_")
+    tmp = Path(workdir.name)
     task_dir = write_offline_tasks(tmp / "tasks", ("arc_easy", "hellaswag"), max(tasks.values()))
     manager = TaskManager(include_path=str(task_dir))
 
@@ -152,6 +154,7 @@ def main(argv: list[str]) -> int:
             f"{a['acc_norm_pred_agree']}/{a['items']} | {a['max_abs_loglik_gap']:.2e} | "
             f"{j['acc']:.4f} / {h['acc']:.4f} |"
         )
+    workdir.cleanup()
     if args.out:
         Path(args.out).write_text(
             json.dumps({"cpu": cpu, "rows": rows, "agreement": agree}, indent=2) + "\n"
