@@ -14,7 +14,11 @@ on ``data.validation`` (``--split``) or on ``--data FILE``.
 
 Writes ``DIR/eval_report.json`` (``{task: {metric: value}}``), ``DIR/eval_report.md``
 (one table; before / after columns with ``--compare``), ``DIR/eval_meta.json`` and
-per-item predictions under ``DIR/predictions/``. With ``eval.decontaminate: true`` in the
+per-item predictions under ``DIR/predictions/``. ``--lm-eval TASKS`` (with or without
+``--tasks``) also runs lm-evaluation-harness tasks through its ``jaxtune`` backend
+(:mod:`jaxtune.eval.harness`, the ``lmeval`` extra) and writes lm-eval's
+``DIR/lm_eval_results.json`` and ``DIR/lm_eval_samples/``; their metrics join the report
+as ``lm_eval/<task>``. With ``eval.decontaminate: true`` in the
 config, each multiple-choice task is also scored on its items that share no 13-gram with
 the config's training split (``{task}/clean``), and ``DIR/contamination.json`` lists the
 others.
@@ -22,6 +26,7 @@ others.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -80,7 +85,7 @@ def _plan(args) -> dict:
         raise ConfigError("--compare needs a BASE model path (or a config with model.path)")
     if not plan["model"]:
         raise ConfigError("no model: pass --model PATH (or a config with model.path / run.dir)")
-    if not plan["tasks"]:
+    if not plan["tasks"] and not args.lm_eval:
         raise ConfigError("no tasks: pass --tasks a,b,file.jsonl (or eval.tasks in a config)")
     plan["out"] = plan["out"] or "eval_out"
     plan["max_new_tokens"] = plan["max_new_tokens"] or 64
@@ -122,7 +127,7 @@ def _evaluate(path: str, args, plan, names: list[str], say) -> dict:
         tokenizer,
         names,
         limit=plan["limit"],
-        num_fewshot=args.num_fewshot,
+        num_fewshot=args.num_fewshot or 0,
         seed=args.seed,
         batch_size=args.batch_size,
         max_len=args.max_len,
@@ -155,6 +160,45 @@ def _decontamination(plan, names: list[str], say) -> dict | None:
     return masks
 
 
+def _lm_eval(args, plan, say) -> dict:
+    """``--lm-eval``: lm-eval's tasks through the ``jaxtune`` backend; ``{lm_eval/task: ..}``."""
+    # Only here: the backend module imports lm_eval, an optional extra.
+    from jaxtune.eval.harness_run import run_lm_eval
+
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    say(f"== lm-eval: {', '.join(tasks)} on {plan['model']}")
+    model_args = {"pretrained": plan["model"], "dtype": args.dtype, "batch_size": args.batch_size}
+    if args.max_len:
+        model_args["max_length"] = args.max_len
+    results = run_lm_eval(
+        model_args,
+        tasks,
+        plan["out"],
+        limit=plan["limit"],
+        num_fewshot=args.num_fewshot,
+        include_path=args.include_path,
+        seed=args.seed,
+    )
+    say(f"lm-eval results: {Path(plan['out']) / 'lm_eval_results.json'}")
+    return {f"lm_eval/{task}": metrics for task, metrics in results.items()}
+
+
+def _check_lm_eval(args, plan) -> None:
+    """``--lm-eval`` needs the extra; refused before any model is loaded."""
+    if not args.lm_eval:
+        return
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(
+            '--lm-eval needs lm-evaluation-harness: pip install "jaxtune[lmeval]" '
+            '(or pip install "lm_eval>=0.4.13,<0.5")'
+        )
+    if plan["base"]:
+        raise ConfigError("--lm-eval evaluates one model: drop --compare")
+    model_kind(resolve_path(plan["model"]))  # a missing path fails now, not after indexing
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise ConfigError(f"--include-path {args.include_path}: no such directory")
+
+
 def run(args) -> int:
     """Runs ``jaxtune eval``; user errors raise ``JaxtuneError`` (the CLI prints one line)."""
     for name in ("--limit", "--batch-size", "--max-len", "--max-new-tokens", "--seq-len"):
@@ -164,7 +208,8 @@ def run(args) -> int:
         raise ConfigError(f"--dtype: got {args.dtype!r}, expected one of {', '.join(DTYPES)}")
     t0 = time.perf_counter()
     plan = _plan(args)
-    names = parse_tasks(plan["tasks"])
+    _check_lm_eval(args, plan)
+    names = parse_tasks(plan["tasks"]) if plan["tasks"] else []
     # Validate user task files completely before any model is loaded.
     for n in names:
         if n != "perplexity" and is_file_task(n):
@@ -181,14 +226,19 @@ def run(args) -> int:
         say(f"== base model: {plan['base']}")
         plan["out_model"] = out / "base"
         base = _evaluate(plan["base"], args, plan, names, say)
-    say(f"== model: {plan['model']}")
     plan["out_model"] = out
-    results = _evaluate(plan["model"], args, plan, names, say)
+    results = {}
+    if names:
+        say(f"== model: {plan['model']}")
+        results = _evaluate(plan["model"], args, plan, names, say)
+    if args.lm_eval:
+        results.update(_lm_eval(args, plan, say))
     meta = {
         "model": plan["model"],
         "base_model": plan["base"],
-        "tasks": names,
-        "num_fewshot": args.num_fewshot,
+        "tasks": names
+        + ([f"lm_eval/{t}" for t in args.lm_eval.split(",")] if args.lm_eval else []),
+        "num_fewshot": args.num_fewshot if args.lm_eval else args.num_fewshot or 0,
         "limit": plan["limit"],
         "seed": args.seed,
         "batch_size": args.batch_size,

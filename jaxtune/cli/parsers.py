@@ -160,7 +160,11 @@ def add_eval(make_sub) -> None:
     p.add_argument("--tasks", help="comma-separated task names and/or JSONL task files")
     p.add_argument("--out", help="output directory (default: RUN_DIR/eval or eval_out)")
     p.add_argument("--limit", type=int, help="first N items per task (per subject for mmlu)")
-    p.add_argument("--num-fewshot", type=int, default=0, help="k-shot examples (default: 0)")
+    p.add_argument(
+        "--num-fewshot",
+        type=int,
+        help="k-shot examples (default: 0; --lm-eval tasks: each task's own default)",
+    )
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (default 1234)")
     p.add_argument(
         "--batch-size", type=int, default=32, help="(item, choice) rows per forward pass"
@@ -184,6 +188,16 @@ def add_eval(make_sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="generation: nucleus mass")
     p.add_argument("--chat", action="store_true", help="generation: use the chat template")
     p.add_argument("--stop", action="append", default=[], help="generation stop string")
+    p.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="also run these lm-evaluation-harness tasks (comma-separated) through its "
+        "`jaxtune` backend; writes lm_eval_results.json into --out (needs the extra: "
+        'pip install "jaxtune[lmeval]")',
+    )
+    p.add_argument(
+        "--include-path", metavar="DIR", help="--lm-eval: extra lm-eval task YAML directory"
+    )
 
 
 def add_plan(make_sub) -> None:

@@ -15,7 +15,9 @@ Entry points (imported lazily, so ``import jaxtune.eval`` stays light)::
 Modules: ``scoring`` (log-likelihood of continuations), ``multiple_choice`` (acc /
 acc_norm), ``tasks`` (ARC, HellaSwag, MMLU, BoolQ, JSONL), ``perplexity``,
 ``classification``, ``generate``, ``analysis``, ``report``, ``runner``; the CLI is
-``jaxtune.cli.eval``.
+``jaxtune.cli.eval``. ``harness`` is the lm-evaluation-harness backend (``--model
+jaxtune``): it imports ``lm_eval`` (the optional ``lmeval`` extra), so it is not among
+the lazy names here.
 """
 
 from __future__ import annotations
