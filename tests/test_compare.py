@@ -13,7 +13,6 @@ from jaxtune.eval.judges import (
     combine_orders,
     exact_match,
     metric_judgment,
-    model_verdicts,
     rouge_l,
 )
 
@@ -116,3 +115,168 @@ def test_template_plain_and_jinja():
         Template("{question} {answer_a}")
     with pytest.raises(ConfigError, match="cannot fill"):
         Template("{question} {answer_a} {answer_b} {nope}")
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """Two tiny random Llamas (different seeds) and a prompts file with references."""
+    from jaxtune.train.testing import write_tiny_model
+
+    root = tmp_path_factory.mktemp("compare")
+    a = write_tiny_model(root / "a", seed=0)
+    b = write_tiny_model(root / "b", seed=1)
+    rows = [
+        {"prompt": "Reverse: alpha beta", "reference": "beta alpha"},
+        {"prompt": "Reverse: gamma delta eta", "reference": "eta delta gamma"},
+        {"prompt": "<script>alert(1)</script> Reverse: mu", "reference": "mu"},
+        {"prompt": "Reverse: iota kappa", "reference": ["kappa iota", "kappa"]},
+        {"prompt": "Reverse: zeta theta lambda mu", "reference": "mu lambda theta zeta"},
+    ]
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "a": str(a), "b": str(b), "prompts": str(prompts), "rows": rows}
+
+
+def _run(capsys, *argv):
+    from jaxtune.cli import main
+
+    rc = main(["compare", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_compare_cli_end_to_end(tiny_pair, capsys):
+    t = tiny_pair
+    out = t["root"] / "out_f1"
+    models = f"{t['a']},{t['b']}"
+    rc, stdout, err = _run(
+        capsys,
+        "--models",
+        models,
+        "--prompts",
+        t["prompts"],
+        "--judge",
+        "f1",
+        "--out",
+        out,
+        "--max-new-tokens",
+        "4",
+        "--bootstrap",
+        "200",
+    )
+    assert rc == 0, err
+    assert {p.name for p in out.iterdir()} >= {
+        "samples.jsonl",
+        "judgments.jsonl",
+        "results.json",
+        "results.md",
+        "compare.html",
+        "ratings.png",
+    }
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == [r["prompt"] for r in t["rows"]]
+    assert all(set(s["outputs"]) == {t["a"], t["b"]} for s in samples)
+    judgments = [json.loads(x) for x in (out / "judgments.jsonl").read_text().splitlines()]
+    assert len(judgments) == len(t["rows"])  # one pair per prompt
+    results = json.loads((out / "results.json").read_text())
+    wins = results["matrix"]["wins"]
+    ties = results["matrix"]["ties"]
+    outcomes = [j["outcome"] for j in judgments]
+    assert wins[0][1] == outcomes.count("a") and wins[1][0] == outcomes.count("b")
+    assert ties[0][1] == outcomes.count("tie") and results["matrix"]["losses"][1][0] == wins[0][1]
+    for j in judgments:  # each outcome follows its scores
+        sa, sb = j["scores"]
+        assert j["outcome"] == ("a" if sa > sb else "b" if sb > sa else "tie")
+    ratings = [m["rating"] for m in results["elo"]["models"]]
+    assert sum(ratings) / 2 == pytest.approx(1000.0, abs=0.1)
+    assert all(m["low"] <= m["rating"] <= m["high"] for m in results["elo"]["models"])
+    page = (out / "compare.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert (out / "ratings.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| rank | model | Elo |" in stdout
+    # An earlier compare output is replaced only with --overwrite.
+    rc, _, err = _run(
+        capsys,
+        "--models",
+        models,
+        "--prompts",
+        t["prompts"],
+        "--judge",
+        "f1",
+        "--out",
+        out,
+        "--max-new-tokens",
+        "2",
+    )
+    assert rc == 2 and err.startswith("error:") and "--overwrite" in err
+
+
+def test_judge_model_scores_both_orders(tiny_pair):
+    """The model judge's path on a tiny model: every pair in both orders, outcome combined."""
+    from jaxtune.eval.compare import judge_all
+
+    rows = tiny_pair["rows"][:3]
+    outputs = [["beta alpha", "eta", "mu"], ["alpha", "eta delta gamma", "<b>mu</b>"]]
+    judgments = judge_all(
+        tiny_pair["a"],
+        "model",
+        rows,
+        outputs,
+        template=Template(),
+        chat=False,
+        dtype="float32",
+        batch_size=8,
+    )
+    assert sorted(j["id"] for j in judgments) == [0, 1, 2]
+    for j in judgments:
+        assert j["pair"] == [0, 1] and set(j["verdicts"]) == {"ab", "ba"}
+        for order in ("ab", "ba"):
+            a, b = j["logprobs"][order]
+            assert np.isfinite([a, b]).all()
+            assert j["verdicts"][order] == ("A" if a > b else "B" if b > a else "tie")
+        assert j["outcome"] == combine_orders(j["verdicts"]["ab"], j["verdicts"]["ba"])
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing", "no such file"),
+        ("bad_json", "prompts.jsonl:2: not valid JSON"),
+        ("one_model", "expected two or more"),
+        ("unknown_judge", "neither a metric"),
+        ("no_reference", "has no 'reference'"),
+        ("foreign_out", "not empty"),
+    ],
+)
+def test_compare_bad_input_is_one_error_line(tiny_pair, tmp_path, capsys, case, expect):
+    t = tiny_pair
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Reverse: alpha", "reference": "alpha"}\n')
+    models, judge = f"{t['a']},{t['b']}", "exact"
+    out = tmp_path / "out"
+    if case == "missing":
+        prompts = tmp_path / "nope.jsonl"
+    elif case == "bad_json":
+        prompts.write_text('{"prompt": "a", "reference": "a"}\n{"prompt": \n')
+    elif case == "one_model":
+        models = t["a"]
+    elif case == "unknown_judge":
+        judge = "bleu"
+    elif case == "no_reference":
+        prompts.write_text('{"prompt": "Reverse: alpha"}\n')
+    elif case == "foreign_out":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    rc, _, err = _run(
+        capsys, "--models", models, "--prompts", prompts, "--judge", judge, "--out", out
+    )
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and expect in err, err
+    if case == "foreign_out":
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    else:
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

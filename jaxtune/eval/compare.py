@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 
 from jaxtune.atomic import atomic_dir, check_out_dir
-from jaxtune.errors import ConfigError
+from jaxtune.errors import ConfigError, DataError
 from jaxtune.eval import elo
 from jaxtune.eval.compare_report import write_html, write_markdown, write_plot
 from jaxtune.eval.generate import SamplingConfig
@@ -226,6 +226,8 @@ def compare_models(
         raise ConfigError(f"--bootstrap: got {bootstrap}, expected >= 0")
     # Everything that can be wrong with the input fails here, before a model loads.
     kind = check_models(models, judge)
+    if not Path(prompts).is_file():
+        raise DataError(f"--prompts: {prompts}: no such file")
     rows = read_generation_task(prompts)
     if kind == "metric":
         check_references(judge, rows, prompts)
