@@ -249,13 +249,14 @@ def test_judge_model_scores_both_orders(tiny_pair):
         ("unknown_judge", "neither a metric"),
         ("no_reference", "has no 'reference'"),
         ("foreign_out", "not empty"),
+        ("no_chat_template", "has no chat template"),
     ],
 )
 def test_compare_bad_input_is_one_error_line(tiny_pair, tmp_path, capsys, case, expect):
     t = tiny_pair
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Reverse: alpha", "reference": "alpha"}\n')
-    models, judge = f"{t['a']},{t['b']}", "exact"
+    models, judge, extra = f"{t['a']},{t['b']}", "exact", []
     out = tmp_path / "out"
     if case == "missing":
         prompts = tmp_path / "nope.jsonl"
@@ -267,11 +268,14 @@ def test_compare_bad_input_is_one_error_line(tiny_pair, tmp_path, capsys, case, 
         judge = "bleu"
     elif case == "no_reference":
         prompts.write_text('{"prompt": "Reverse: alpha"}\n')
+    elif case == "no_chat_template":
+        judge = t["a"]
+        extra = ["--judge-chat"]
     elif case == "foreign_out":
         out.mkdir()
         (out / "notes.txt").write_text("mine")
     rc, _, err = _run(
-        capsys, "--models", models, "--prompts", prompts, "--judge", judge, "--out", out
+        capsys, "--models", models, "--prompts", prompts, "--judge", judge, "--out", out, *extra
     )
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and expect in err, err

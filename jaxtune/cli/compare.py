@@ -28,6 +28,7 @@ def run(args) -> int:
         args.out or "compare_out",
         sampling=sampling,
         chat=args.chat,
+        judge_chat=args.judge_chat,
         stop=args.stop,
         bootstrap=args.bootstrap,
         seed=args.seed,

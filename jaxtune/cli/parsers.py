@@ -316,7 +316,12 @@ def add_compare(make_sub) -> None:
     p.add_argument(
         "--chat",
         action="store_true",
-        help="render prompts (and the judge's) with the chat template",
+        help="render the prompts with each model's chat template",
+    )
+    p.add_argument(
+        "--judge-chat",
+        action="store_true",
+        help="render the judging prompt with the judge model's chat template",
     )
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument(

@@ -197,6 +197,7 @@ def compare_models(
     *,
     sampling: SamplingConfig | None = None,
     chat: bool = False,
+    judge_chat: bool = False,
     stop: Sequence[str] = (),
     bootstrap: int = 1000,
     seed: int = 0,
@@ -214,6 +215,8 @@ def compare_models(
       judge: ``exact``, ``f1``, ``rougeL`` (need references) or a judge model path.
       out: output directory (must be empty, or an earlier output with ``overwrite``).
       sampling: decoding options (default greedy, 64 new tokens; ``seed`` applies).
+      chat: render the prompts with each model's chat template (as the models were tuned).
+      judge_chat: render the judging prompt as a user turn of the judge's chat template.
       template: judge template file (model judge; default :data:`judges.DEFAULT_TEMPLATE`).
       bootstrap: prompt resamples for the Elo intervals (0: none).
 
@@ -238,6 +241,15 @@ def compare_models(
         except OSError as e:
             raise ConfigError(f"--judge-template: {template}: {e.strerror or e}") from None
         tpl = Template(text, template)
+    # A chat template missing from the last model (or the judge) fails now, not after
+    # generating from the others.
+    needs_template = [m for m in models if chat] + (
+        [judge] if kind == "model" and judge_chat else []
+    )
+    for path in needs_template:
+        if not getattr(load_tokenizer(path), "chat_template", None):
+            flag = "--judge-chat" if path == judge and judge_chat else "--chat"
+            raise ConfigError(f"{flag} given, but {path}'s tokenizer has no chat template")
     check_out_dir(out, overwrite)
     t0 = time.perf_counter()
     outputs = generate_all(
@@ -246,7 +258,14 @@ def compare_models(
     if kind == "model":
         say(f"== judge: {judge}")
     judgments = judge_all(
-        judge, kind, rows, outputs, template=tpl, chat=chat, dtype=dtype, batch_size=batch_size
+        judge,
+        kind,
+        rows,
+        outputs,
+        template=tpl,
+        chat=judge_chat,
+        dtype=dtype,
+        batch_size=batch_size,
     )
     results = summarize(models, judgments, len(rows), bootstrap=bootstrap, seed=seed)
     results["judge"] = judge
@@ -256,6 +275,8 @@ def compare_models(
         "seed": sampling.seed,
         "chat": chat,
     }
+    if kind == "model":
+        results["judge_chat"] = judge_chat
     results["seconds"] = round(time.perf_counter() - t0, 1)
     samples = [
         {
