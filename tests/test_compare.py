@@ -188,6 +188,7 @@ def test_compare_cli_end_to_end(tiny_pair, capsys):
     assert wins[0][1] == outcomes.count("a") and wins[1][0] == outcomes.count("b")
     assert ties[0][1] == outcomes.count("tie") and results["matrix"]["losses"][1][0] == wins[0][1]
     for j in judgments:  # each outcome follows its scores
+        assert j["pair"] == [0, 1] and j["models"] == [t["a"], t["b"]]
         sa, sb = j["scores"]
         assert j["outcome"] == ("a" if sa > sb else "b" if sb > sa else "tie")
     ratings = [m["rating"] for m in results["elo"]["models"]]

@@ -268,6 +268,8 @@ def compare_models(
         batch_size=batch_size,
     )
     results = summarize(models, judgments, len(rows), bootstrap=bootstrap, seed=seed)
+    for j in judgments:  # names beside the indices, for a reader of the file
+        j["models"] = [models[j["pair"][0]], models[j["pair"][1]]]
     results["judge"] = judge
     results["generation"] = {
         "max_new_tokens": sampling.max_new_tokens,

@@ -136,7 +136,9 @@ def write_plot(path: Path, results: dict) -> None:
     ms = results["elo"]["models"][::-1]  # best at the top
     y = range(len(ms))
     r = [m["rating"] for m in ms]
-    fig, ax = plt.subplots(figsize=(6, 0.5 * len(ms) + 1.2))
+    labels = [m["model"] if len(m["model"]) <= 48 else "..." + m["model"][-45:] for m in ms]
+    width = 4.0 + 0.075 * max(len(t) for t in labels)  # room for the longest label
+    fig, ax = plt.subplots(figsize=(width, 0.5 * len(ms) + 1.4))
     if all(m["low"] is not None for m in ms):
         err = [[m["rating"] - m["low"] for m in ms], [m["high"] - m["rating"] for m in ms]]
         ax.errorbar(r, y, xerr=err, fmt="o", capsize=4)
@@ -144,7 +146,8 @@ def write_plot(path: Path, results: dict) -> None:
         ax.plot(r, y, "o")
     ax.axvline(1000, color="#aaa", lw=0.8)
     ax.set_yticks(list(y))
-    ax.set_yticklabels([m["model"][-40:] for m in ms])
+    ax.set_yticklabels(labels)
+    ax.set_ylim(-0.6, len(ms) - 0.4)
     ax.set_xlabel("Elo (mean 1000), 95% bootstrap interval")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
