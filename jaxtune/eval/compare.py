@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 
 from jaxtune.atomic import atomic_dir, check_out_dir
-from jaxtune.errors import ConfigError, DataError
+from jaxtune.errors import ConfigError, DataError, JaxtuneError
 from jaxtune.eval import elo
 from jaxtune.eval.compare_report import write_html, write_markdown, write_plot
 from jaxtune.eval.generate import SamplingConfig
@@ -59,7 +59,7 @@ def check_models(models: Sequence[str], judge: str) -> str:
         raise ConfigError(f"--judge: got {judge!r}; did you mean {low[judge.lower()]!r}?")
     try:
         model_kind(resolve_path(judge))
-    except Exception as e:
+    except JaxtuneError as e:
         raise ConfigError(
             f"--judge: {judge!r} is neither a metric ({', '.join(METRICS)}) nor a model path ({e})"
         ) from None
