@@ -15,7 +15,8 @@ Entry points (imported lazily, so ``import jaxtune.eval`` stays light)::
 Modules: ``scoring`` (log-likelihood of continuations), ``multiple_choice`` (acc /
 acc_norm), ``tasks`` (ARC, HellaSwag, MMLU, BoolQ, JSONL), ``perplexity``,
 ``classification``, ``generate``, ``analysis``, ``report``, ``runner``; the CLI is
-``jaxtune.cli.eval``.
+``jaxtune.cli.eval``. Pairwise model comparison (``jaxtune compare``): ``compare``
+(``compare_models``), ``judges``, ``elo`` (``elo_ratings``), ``compare_report``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ _API = {
     "generate_text": "jaxtune.eval.generate",
     "analyze_generations": "jaxtune.eval.analysis",
     "write_report": "jaxtune.eval.report",
+    "compare_models": "jaxtune.eval.compare",
+    "elo_ratings": "jaxtune.eval.elo",
 }
 __all__ = list(_API)
 
