@@ -66,6 +66,30 @@ def test_undefeated_model_gets_a_finite_rating():
     assert r["rating"][0] > r["rating"][1] + 400
 
 
+def test_summary_of_three_models_matches_its_judgments():
+    from jaxtune.eval.compare import summarize
+
+    rng = np.random.default_rng(3)
+    outcomes = {0: "a", 1: "b", 2: "tie"}
+    judgments = [
+        {"id": p, "pair": [i, j], "outcome": outcomes[int(rng.integers(3)) if i else 0]}
+        for p in range(40)
+        for i, j in elo.pairs_of(3)
+    ]  # model 0 wins every game it plays
+    r = summarize(["x", "y", "z"], judgments, 40, bootstrap=50, seed=0)
+    wins, ties = np.array(r["matrix"]["wins"]), np.array(r["matrix"]["ties"])
+    for i, j in elo.pairs_of(3):
+        got = [g["outcome"] for g in judgments if g["pair"] == [i, j]]
+        assert (wins[i, j], wins[j, i], ties[i, j]) == (
+            got.count("a"),
+            got.count("b"),
+            got.count("tie"),
+        )
+    assert (np.array(r["matrix"]["losses"]) == wins.T).all()
+    assert r["elo"]["models"][0]["model"] == "x" and r["elo"]["models"][0]["score"] == 1.0
+    assert sum(m["rating"] for m in r["elo"]["models"]) == pytest.approx(3000, abs=0.2)
+
+
 # ---------------------------------------------------------------- judges
 
 
