@@ -28,6 +28,7 @@ _API = {
     "convert": "jaxtune.api",
     "export_gguf": "jaxtune.api",
     "save_checkpoint": "jaxtune.api",
+    "compare": "jaxtune.api",
 }
 __all__ = [*_API, "__version__"]
 

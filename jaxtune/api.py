@@ -1,5 +1,5 @@
 """Public Python API: ``from_pretrained``, ``save_pretrained``, ``export_gguf``,
-``load_tokenizer``, ``convert``, ``save_checkpoint``.
+``load_tokenizer``, ``convert``, ``save_checkpoint``, ``compare``.
 
 A thin front over the layers that do the work: loading (:mod:`jaxtune.loading`: HF dir,
 ``.gguf``, jaxtune checkpoint, classifier dir, run dir), exporting
@@ -15,12 +15,14 @@ from pathlib import Path
 from jaxtune.atomic import check_out_dir
 from jaxtune.checkpoint import save_checkpoint
 from jaxtune.errors import ConfigError
+from jaxtune.eval.compare import compare_models
 from jaxtune.export.gguf import GGUFReport
 from jaxtune.export.gguf import export_gguf as _export_gguf
 from jaxtune.export.hf import save_pretrained
 from jaxtune.loading import from_pretrained, load_tokenizer
 
 __all__ = [
+    "compare",
     "convert",
     "export_gguf",
     "from_pretrained",
@@ -60,3 +62,18 @@ def convert(
     tokenizer = load_tokenizer(src)
     model = from_pretrained(src, dtype=dtype)
     return save_checkpoint(model, out, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def compare(
+    models: list[str], prompts: str | os.PathLike, judge: str, out: str | os.PathLike, **options
+) -> dict:
+    """Pairwise comparison of models on a prompt file: win matrix, Elo, side-by-side page.
+
+    ``models``: two or more paths :func:`from_pretrained` loads; ``prompts``: JSONL of
+    ``{"prompt", "reference" (optional)}``; ``judge``: ``exact``, ``f1``, ``rougeL`` or a
+    judge model path. Writes ``out`` (samples, judgments, results.json/.md, compare.html,
+    ratings.png). ``options``: see :func:`jaxtune.eval.compare.compare_models` (``sampling``,
+    ``chat``, ``bootstrap``, ``seed``, ``template``, ``overwrite``, ...). Returns the
+    ``results.json`` content plus ``"files"``.
+    """
+    return compare_models(list(models), str(prompts), judge, str(out), **options)

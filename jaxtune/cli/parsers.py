@@ -291,6 +291,66 @@ def add_sweep(make_sub) -> None:
     )
 
 
+def add_compare(make_sub) -> None:
+    p = make_sub(
+        "compare",
+        "pairwise comparison of models: win matrix, Elo, side-by-side page",
+        "Generate an answer to each prompt from every model, judge every pair of models on "
+        "every prompt (a reference metric, or a judge model asked in both orders), and write "
+        "samples.jsonl, judgments.jsonl, results.json/.md (win/tie/loss matrix, Elo ratings "
+        "with bootstrap 95%% intervals), compare.html and ratings.png to --out.",
+    )
+    p.add_argument(
+        "--models",
+        required=True,
+        help="comma-separated model paths (two or more): HF dir, "
+        ".gguf, jaxtune checkpoint or run dir",
+    )
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help='JSONL file of {"prompt": str, "reference": str (optional)}',
+    )
+    p.add_argument(
+        "--judge",
+        required=True,
+        help="exact, f1 or rougeL (against the references), or a judge model path",
+    )
+    p.add_argument(
+        "--judge-template",
+        help="judge prompt file (jinja or {question}, {answer_a}, "
+        "{answer_b}, {reference}); default: a built-in one",
+    )
+    p.add_argument("--out", help="output directory (default: compare_out)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="render the prompts with each model's chat template",
+    )
+    p.add_argument(
+        "--judge-chat",
+        action="store_true",
+        help="render the judging prompt with the judge model's chat template",
+    )
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="prompt resamples for the Elo intervals (default 1000; 0 = none)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    p.add_argument("--dtype", default="float32", help="parameter dtype (default: float32)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it is an earlier compare output"
+    )
+
+
 # Keyed like ``jaxtune.cli.COMMANDS``.
 ADD = {
     "train": add_train,
@@ -301,4 +361,5 @@ ADD = {
     "eval": add_eval,
     "plan": add_plan,
     "sweep": add_sweep,
+    "compare": add_compare,
 }

@@ -15,9 +15,10 @@ Entry points (imported lazily, so ``import jaxtune.eval`` stays light)::
 Modules: ``scoring`` (log-likelihood of continuations), ``multiple_choice`` (acc /
 acc_norm), ``tasks`` (ARC, HellaSwag, MMLU, BoolQ, JSONL), ``perplexity``,
 ``classification``, ``generate``, ``analysis``, ``report``, ``runner``; the CLI is
-``jaxtune.cli.eval``. ``harness`` is the lm-evaluation-harness backend (``--model
-jaxtune``): it imports ``lm_eval`` (the optional ``lmeval`` extra), so it is not among
-the lazy names here.
+``jaxtune.cli.eval``. Pairwise model comparison (``jaxtune compare``): ``compare``
+(``compare_models``), ``judges``, ``elo`` (``elo_ratings``), ``compare_report``.
+``harness`` is the lm-evaluation-harness backend (``--model jaxtune``): it imports
+``lm_eval`` (the optional ``lmeval`` extra), so it is not among the lazy names here.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ _API = {
     "generate_text": "jaxtune.eval.generate",
     "analyze_generations": "jaxtune.eval.analysis",
     "write_report": "jaxtune.eval.report",
+    "compare_models": "jaxtune.eval.compare",
+    "elo_ratings": "jaxtune.eval.elo",
 }
 __all__ = list(_API)
 
