@@ -26,6 +26,7 @@ others.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 import time
@@ -162,8 +163,9 @@ def _decontamination(plan, names: list[str], say) -> dict | None:
 
 def _lm_eval(args, plan, say) -> dict:
     """``--lm-eval``: lm-eval's tasks through the ``jaxtune`` backend; ``{lm_eval/task: ..}``."""
-    # Only here: the backend module imports lm_eval, an optional extra.
-    from jaxtune.eval.harness_run import run_lm_eval
+    # By name and only here (as the CLI loads its command modules): the backend imports
+    # lm_eval, an optional extra, which `jaxtune eval` without --lm-eval must not need.
+    run_lm_eval = importlib.import_module("jaxtune.eval.harness_run").run_lm_eval
 
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
     say(f"== lm-eval: {', '.join(tasks)} on {plan['model']}")
