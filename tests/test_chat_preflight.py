@@ -35,6 +35,10 @@ DISTRIBUTION = {"yaml": "pyyaml", "orbax": "orbax-checkpoint", "ml_dtypes": "ml-
 # Never imported at run time: only inside functions of these files (reference
 # implementations for tests; an optional logger that checks for it).
 OPTIONAL = {"torch": {"jaxtune/eval/reference.py"}, "wandb": {"jaxtune/train/logger.py"}}
+# Extras imported at the top of modules that exist only for them: nothing else in jaxtune
+# imports these modules (tests/test_lm_eval_backend.py checks `import jaxtune`, jaxtune.eval
+# and the CLI load no lm_eval), and the extra is declared in pyproject.
+EXTRA_MODULES = {"lm_eval": ("lmeval", {"jaxtune/eval/harness.py", "jaxtune/eval/harness_run.py"})}
 
 
 def _normalize(name: str) -> str:
@@ -82,7 +86,15 @@ def test_every_runtime_import_is_a_declared_dependency():
     imports = third_party_imports()
     assert "transformers" in imports and "numpy" in imports  # the walk sees imports
     missing = {}
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
     for module, sites in imports.items():
+        if module in EXTRA_MODULES:
+            extra, files = EXTRA_MODULES[module]
+            assert any(_normalize(d).startswith(_normalize(module)) for d in extras[extra])
+            assert {s[0] for s in sites} <= files, f"{module} imported outside {files}: {sites}"
+            continue
         if module in OPTIONAL:
             bad = [s for s in sites if s[0] not in OPTIONAL[module] or not s[2]]
             assert not bad, f"{module} imported at run time (test/optional only): {bad}"

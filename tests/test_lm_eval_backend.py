@@ -15,8 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
@@ -117,6 +119,16 @@ def test_hellaswag_predictions_match_hf_backend(jax_lm, hf_lm, tasks):
     ref = evaluate(hf_lm, "hellaswag_offline", tasks, 10)
     assert_same_predictions(ours, ref, 10)
     assert [s["acc_norm"] for s in ours] == [s["acc_norm"] for s in ref]
+
+
+def test_sharded_model_scores_like_one_device(jax_lm, tasks):
+    """``fsdp=8``: the weights sharded over the 8 (fake) devices, same lm-eval results."""
+    sharded = JaxtuneLM(pretrained=GGUF, dtype="float32", batch_size=32, fsdp=8)
+    leaves = jax.tree.leaves(nnx.state(sharded.model))
+    assert any(len(x.sharding.device_set) == 8 for x in leaves)
+    ours = evaluate(sharded, "arc_easy_offline", tasks, 4)
+    ref = evaluate(jax_lm, "arc_easy_offline", tasks, 4)
+    assert_same_predictions(ours, ref, 4)
 
 
 def test_gsm8k_generate_until_matches_hf_greedy_and_honours_stops(jax_lm, hf_lm, tasks):

@@ -143,7 +143,15 @@ def test_every_preset_recipe_is_listed():
     assert with_preset == set(RECIPES)
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+# The 8B recipes compile in `make test`; the others (30-40 s of libtpu compilation each,
+# the same code path with other shapes) in `make test-heavy`, which CI does not run.
+IN_MAKE_TEST = ("llama31_8b_lora.yaml", "llama31_8b_full.yaml")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in IN_MAKE_TEST else pytest.param(n, marks=pytest.mark.heavy) for n in sorted(RECIPES)],
+)
 def test_accelerator_recipe_fits_its_topology(name, tmp_path):
     """The real train step of each recipe compiles for its TPU slice and fits its HBM
     (XLA's TPU compiler on this CPU host; about a minute per recipe)."""

@@ -40,6 +40,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+import jax
+
 # lm-eval registers its built-in backends only while its registry is empty: importing
 # lm_eval.models first keeps `--model hf` & co. resolvable once `jaxtune` is registered.
 import lm_eval.models  # noqa: F401
@@ -63,6 +65,7 @@ from jaxtune.eval.scoring import score_token_requests
 from jaxtune.loading import from_pretrained, load_tokenizer
 from jaxtune.models import DTYPES
 from jaxtune.peft import has_adapters, has_lora, merged_copy
+from jaxtune.sharding import make_mesh, variable_sharding
 
 __all__ = ["MODEL_ARGS", "JaxtuneLM"]
 
@@ -76,6 +79,8 @@ MODEL_ARGS = {
     "add_bos_token": "prepend BOS when encoding (default: the tokenizer's own setting)",
     "seed": "sampling seed for do_sample generation (default 1234)",
     "tokenizer": "tokenizer path when it differs from pretrained",
+    "fsdp": "shard the weights over this many devices (jaxtune's fsdp mesh axis; default 1)",
+    "tensor": "tensor-parallel devices (jaxtune's tensor mesh axis; default 1)",
     "device": "accepted for lm-eval's --device; JAX picks the device",
     "max_batch_size": "accepted for lm-eval's --max_batch_size; unused",
     "trust_remote_code": "accepted for compatibility; never honoured (no remote code)",
@@ -118,7 +123,9 @@ class JaxtuneLM(TemplateLM):
       add_bos_token: force BOS on (True) or off (False); None keeps the tokenizer's.
       seed: seed of sampled generation.
       tokenizer: tokenizer path, when not the model's own.
-      **kwargs: lm-eval's ``device`` / ``max_batch_size`` / ``trust_remote_code`` are
+      **kwargs: ``fsdp`` / ``tensor``: load the weights sharded over a mesh of
+        ``fsdp x tensor`` devices (a model larger than one device; the scorer and generator
+        run unchanged, XLA partitions them). lm-eval's ``device`` / ``max_batch_size`` / ``trust_remote_code`` are
         accepted and unused; any other key is a :class:`ConfigError`.
     """
 
@@ -155,7 +162,18 @@ class JaxtuneLM(TemplateLM):
         except (TypeError, ValueError):
             raise ConfigError(f"model_args seed: got {seed!r}, expected an integer") from None
         self.pretrained = str(pretrained)
-        model = from_pretrained(self.pretrained, dtype=dtype)
+        fsdp = _as_int("fsdp", kwargs.get("fsdp"), 1)
+        tensor = _as_int("tensor", kwargs.get("tensor"), 1)
+        sharding = None
+        if fsdp * tensor > 1:
+            if fsdp * tensor > jax.device_count():
+                raise ConfigError(
+                    f"model_args fsdp x tensor = {fsdp * tensor}, but there are "
+                    f"{jax.device_count()} devices"
+                )
+            mesh = make_mesh(1, fsdp, tensor, jax.devices()[: fsdp * tensor])
+            sharding = variable_sharding(mesh)
+        model = from_pretrained(self.pretrained, dtype=dtype, sharding=sharding)
         if has_lora(model) and not has_adapters(model):
             # Folding a run's LoRA factors in once is exact (merged == unmerged is tested)
             # and makes every scored forward pass cheaper.
