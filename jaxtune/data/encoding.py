@@ -10,6 +10,7 @@ from typing import Any
 
 from jaxtune.data.config import DataConfig
 from jaxtune.data.loaders import Record, RowError, _one_line, get_field
+from jaxtune.data.splits import SplitSource
 from jaxtune.errors import DataError
 
 
@@ -216,3 +217,30 @@ def prefix_error(source: str, tok, prompt: list[int], full: list[int]) -> RowErr
         "boundary); end the prompt with a separator such as a newline, or start the response "
         "without leading whitespace",
     )
+
+
+def resolve_label_names(cfg: DataConfig, sources: dict[str, SplitSource]) -> list[str] | None:
+    """Classification label names: ``data.labels``, a ClassLabel feature, or sorted values."""
+    if cfg.format != "classification":
+        return None
+    if cfg.labels:
+        return [str(x) for x in cfg.labels]
+    source = sources.get("train") or next(iter(sources.values()))
+    column = cfg.fields.get("label", "label")
+    names = source.class_label_names(column)
+    if names:
+        return names
+    values = set()
+    for rec in source:
+        if rec.row is not None:
+            try:
+                value = get_field(rec.row, column)
+            except KeyError:
+                continue
+            if value is not None:
+                values.add(str(value))
+    if not values:
+        raise DataError(
+            f"data.{source.split}: no values in label field {column!r}; expected class labels"
+        )
+    return derive_label_names(list(values))

@@ -25,9 +25,9 @@ import numpy as np
 
 from jaxtune.atomic import cache_entry
 from jaxtune.data.config import DataConfig
-from jaxtune.data.encoding import Encoded, derive_label_names
+from jaxtune.data.encoding import Encoded, resolve_label_names
 from jaxtune.data.formats import make_encoder
-from jaxtune.data.loaders import RowError, get_field
+from jaxtune.data.loaders import RowError
 from jaxtune.data.packing import pack_lengths, padded_length
 from jaxtune.data.preference import Pair, pair_examples
 from jaxtune.data.splits import SPLITS, SplitSource, hash_files, load_split
@@ -389,10 +389,8 @@ def build_split(
     final = cache_dir / f"{source.split}-{key}"
     if use_cache and (final / "meta.json").exists():
         ds = TokenizedDataset(final, cfg, _pad_id(tokenizer))
-        # The key is the files' content: the entry may have been built from a copy of them
-        # elsewhere, but reports name the files this config reads.
-        ds.source_paths = [str(p) for p in source.paths]
-        ds.held_out = source.held_out
+        # Keyed by content, maybe built from a copy elsewhere: name this config's files.
+        ds.source_paths, ds.held_out = [str(p) for p in source.paths], source.held_out
         return ds
     # A rebuild (use_cache off) replaces the entry; else a concurrent build's entry wins.
     with cache_entry(final, replace=not use_cache) as tmp:
@@ -419,33 +417,6 @@ def build_split(
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return TokenizedDataset(final, cfg, _pad_id(tokenizer))
-
-
-def resolve_label_names(cfg: DataConfig, sources: dict[str, SplitSource]) -> list[str] | None:
-    """Classification label names: ``data.labels``, a ClassLabel feature, or sorted values."""
-    if cfg.format != "classification":
-        return None
-    if cfg.labels:
-        return [str(x) for x in cfg.labels]
-    source = sources.get("train") or next(iter(sources.values()))
-    column = cfg.fields.get("label", "label")
-    names = source.class_label_names(column)
-    if names:
-        return names
-    values = set()
-    for rec in source:
-        if rec.row is not None:
-            try:
-                value = get_field(rec.row, column)
-            except KeyError:
-                continue
-            if value is not None:
-                values.add(str(value))
-    if not values:
-        raise DataError(
-            f"data.{source.split}: no values in label field {column!r}; expected class labels"
-        )
-    return derive_label_names(list(values))
 
 
 def build_datasets(

@@ -31,8 +31,8 @@ for modules that are not entry points: import, then run), and ``jaxtune eval --l
 calls ``lm_eval.simple_evaluate`` itself.
 
 This module imports ``lm_eval`` at the top: only import it when the ``lmeval`` extra is
-installed (``jaxtune`` and ``jaxtune.eval`` never import it). ``lm_eval.api`` does not
-import torch, and neither does this backend.
+installed (``jaxtune`` and ``jaxtune.eval`` never import it). Neither ``lm_eval.api`` nor
+this backend loads torch.
 """
 
 from __future__ import annotations
