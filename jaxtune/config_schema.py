@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jaxtune.data.config import FORMATS, DataConfig
+from jaxtune.data.config import BALANCE, FORMATS, DataConfig
 
 # --------------------------------------------------------------------------- schema
 
@@ -397,6 +397,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.quantize": ("int8", "nf4"),
     "data.format": FORMATS,
     "data.truncation_side": ("right", "left"),
+    "data.balance": BALANCE,
     "peft.method": PEFT_METHODS,
     "peft.dtype": DTYPES,
     "peft.adapter_placement": ("houlsby", "pfeiffer"),
@@ -440,6 +441,8 @@ APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
     "preference.label_smoothing": ("train.objective", ("dpo", "simpo")),
     "preference.simpo_gamma": ("train.objective", ("simpo",)),
     "preference.precompute_ref": ("train.objective", ("dpo",)),
+    # Class balance needs class labels.
+    "data.balance": ("data.format", ("classification",)),
 }
 
 # Numeric ranges per dotted key: "> x", ">= x", or an interval "[a, b)" / "[a, b]".

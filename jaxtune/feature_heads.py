@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from jaxtune.data import build_datasets
+from jaxtune.data.balance import balance_line, class_weight_info, class_weights
 from jaxtune.errors import ConfigError
 from jaxtune.eval.classification import classification_metrics
 from jaxtune.features import FeatureCache, FeatureSpec, dataset_examples
@@ -43,6 +44,10 @@ def feature_head(cfg, feature: dict, splits: dict, k: int, *, log=print, **head_
     Returns:
       (head, {split: features [N, D]}, {split: cache info}, train_head info). The
       backbone is loaded on the first cache miss only and shared by every split.
+
+    The head fits on the train split's rows (``data.balance: oversample`` /
+    ``undersample`` resample them; features are cached once per example) and, with
+    ``data.balance: weight``, on a class-weighted loss.
     """
 
     layer = feature.get("layer", cfg.peft.feature_layer)
@@ -66,9 +71,12 @@ def feature_head(cfg, feature: dict, splits: dict, k: int, *, log=print, **head_
         )
         hit = "cache hit" if infos[split]["hit"] else "computed"
         log(f"features {split}: {hit} ({infos[split]['seconds']:.1f}s, {infos[split]['key']})")
+    train = splits["train"]
+    rows = np.asarray(train.row_examples)  # one example per row: classification never packs
+    weights = class_weights(train.labels, k) if cfg.data.balance == "weight" else None
     head, hinfo = train_head(
-        feats["train"],
-        splits["train"].labels,
+        feats["train"][rows],
+        np.asarray(train.labels)[rows],
         k,
         hidden=cfg.peft.head_hidden,
         steps=int(feature.get("head_steps", 300)),
@@ -77,6 +85,8 @@ def feature_head(cfg, feature: dict, splits: dict, k: int, *, log=print, **head_
         l2_grid=tuple(feature.get("l2_grid", L2_GRID)),
         folds=int(feature.get("folds", 5)),
         seed=cfg.train.seed,
+        class_weight=weights,
+        groups=rows,
         **head_kw,
     )
     return head, feats, infos, hinfo
@@ -99,6 +109,8 @@ def train_head(
     l2_grid: tuple[float, ...] = L2_GRID,
     folds: int = 5,
     seed: int = 0,
+    class_weight: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> tuple[ClassificationHead, dict]:
     """Fits a linear / MLP head on fixed features (full-batch Adam, cross-entropy + L2).
 
@@ -117,6 +129,14 @@ def train_head(
         head overfits without it. ``"auto"`` picks it from ``l2_grid`` by ``folds``-fold
         cross-validated accuracy on the training features (never the test split).
       seed: head init and fold assignment.
+      class_weight: float [K] per-class loss weights (``data.balance: weight``): the loss
+        is ``sum_i w[y_i] CE_i / sum_i w[y_i]``, and the cross-validation score of
+        ``l2: auto`` weighs held-out hits the same way (balanced accuracy for
+        inverse-frequency weights), so the penalty is chosen for the weighted objective.
+        None = every example weighs 1.
+      groups: int [N] group of each row (the example a row copies, for oversampled
+        data): rows of one group share a cross-validation fold, so a copy of a held-out
+        example is never trained on. None = each row its own group.
 
     Returns:
       (head reading raw features, info: ``l2``, ``cv_accuracy`` per grid value,
@@ -126,6 +146,10 @@ def train_head(
     keep = np.asarray(labels) >= 0
     x = np.asarray(features, np.float32)[keep]
     y = np.asarray(labels, np.int32)[keep]
+    groups = np.arange(len(keep)) if groups is None else np.asarray(groups)
+    groups = groups[keep]
+    cw = np.ones(num_labels, np.float32) if class_weight is None else class_weight
+    cw = jnp.asarray(np.asarray(cw, np.float32)[y])  # [N] each row's class weight
     if len(x) < 2:
         raise ConfigError("train_head: need at least 2 labelled examples")
     mu = x.mean(0) if use_bias else np.zeros(x.shape[1], np.float32)
@@ -148,7 +172,9 @@ def train_head(
         def loss_fn(p):
             logits = nnx.merge(graphdef, p)(xs)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, yj)
-            ce = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+            wc = w * cw
+            total = jnp.sum(wc)
+            ce = jnp.sum(ce * wc) / jnp.where(total > 0, total, 1.0)
             kernels = [a for a in jax.tree.leaves(p) if a.ndim >= 2]
             return ce + 0.5 * l2_ * sum(jnp.sum(jnp.square(k)) for k in kernels)
 
@@ -164,12 +190,17 @@ def train_head(
     def fit_and_score(w, l2_):
         p, losses = fit(w, l2_)
         hit = (nnx.merge(graphdef, p)(xs).argmax(-1) == yj).astype(jnp.float32)
-        return p, losses, jnp.sum(hit * (1 - w)) / jnp.maximum(jnp.sum(1 - w), 1.0)
+        held = (1 - w) * cw
+        total = jnp.sum(held)
+        return p, losses, jnp.sum(hit * held) / jnp.where(total > 0, total, 1.0)
 
     cv = None
     if l2 == "auto":
         k = max(2, min(folds, len(x)))
-        fold = np.random.default_rng(seed).permutation(len(x)) % k
+        # Folds over groups (copies of one example together); with one row per group
+        # this is a seeded permutation of the rows mod k.
+        _, group_of = np.unique(groups, return_inverse=True)
+        fold = np.random.default_rng(seed).permutation(group_of.max() + 1)[group_of] % k
         # Rows: k folds (held-out scored) + all data (the final fit of every grid value).
         rows = [fold != i for i in range(k)] + [np.ones(len(x), bool)]
         w = jnp.asarray(np.stack(rows).astype(np.float32))  # [k + 1, N]
@@ -275,14 +306,19 @@ def feature_run(cfg, *, feature: dict | None = None, log=print) -> dict:
     Returns:
       A dict as :func:`classification_data`'s stub plus ``accuracy``, ``macro_f1``,
       ``n``, ``confusion``, ``trainable_params``, ``total_params``, ``feature_cache``,
+      ``per_class_precision``, ``per_class_recall``, ``per_class_f1``, ``support``,
       ``head_seconds``, ``head_l2``, ``seconds``; and, not JSON, ``_head`` (the fitted
-      head) and ``_labels`` (``{"num_labels", "label_names"}``) for callers that save it.
+      head), ``_labels`` (``{"num_labels", "label_names"}``) and ``_class_weights``
+      (``class_weights.json``'s content with ``data.balance: weight``, else None) for
+      callers that save it.
     """
     t0 = time.perf_counter()
     datasets, result = classification_data(cfg)
     ev, k = result["eval_split"], result["num_labels"]
-    eval_ds = datasets[ev]
-    splits = {"train": datasets["train"], ev: eval_ds}
+    if line := balance_line(datasets["train"].stats):
+        log(line)
+    train, eval_ds = datasets["train"], datasets[ev]
+    splits = {"train": train, ev: eval_ds}
     head, feats, infos, hinfo = feature_head(cfg, dict(feature or {}), splits, k, log=log)
     logits = predict_head(head, feats[ev])
     n_head = sum(x.size for x in jax.tree.leaves(nnx.state(head, nnx.Param)))
@@ -300,8 +336,13 @@ def feature_run(cfg, *, feature: dict | None = None, log=print) -> dict:
         macro_f1=m["macro_f1"],
         n=m["n"],
         confusion=m["confusion"],
+        **{key: m[key] for key in ("per_class_precision", "per_class_recall", "support")},
+        per_class_f1=m["per_class_f1"],
         seconds=time.perf_counter() - t0,
         _head=head,
         _labels={"num_labels": k, "label_names": result["label_names"]},
+        _class_weights=class_weight_info(train.labels, train.label_names)
+        if cfg.data.balance == "weight"
+        else None,
     )
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 FORMATS = ("instruction", "chat", "completion", "text", "classification", "preference")
+BALANCE = ("none", "oversample", "undersample", "weight")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,15 @@ class DataConfig:
         smaller of the two). Unlike ``max_examples`` it leaves validation and test alone,
         so a data-size sweep evaluates every size on the same examples.
       cache_dir: where tokenized data is cached; default ``~/.cache/jaxtune/data``.
+      balance: class balance of a classification train split (``data.format:
+        classification`` only), one of ``BALANCE``. ``oversample`` repeats each smaller
+        class's examples (whole copies, then a seeded random remainder) up to the
+        largest class's count; ``undersample`` keeps a seeded subset of each class down
+        to the smallest class's count; both resample the train split only, after
+        ``max_examples`` / ``train_fraction``, from ``split_seed``, and ``train.epochs``
+        counts the resampled rows. ``weight`` weighs each example's loss by its class's
+        inverse frequency ``n / (K * n_c)`` over the train split (scikit-learn's
+        ``balanced``). Validation and test are never changed.
     """
 
     train: str | None = None
@@ -68,3 +78,4 @@ class DataConfig:
     max_examples: int | None = None
     train_fraction: float = 1.0
     cache_dir: str | None = None
+    balance: str = "none"

@@ -11,8 +11,10 @@ writes to ``out_dir``:
 
 and prints a console table. Given evaluation items (``eval.tasks``, paired with their
 texts by the CLI), the report also has a Contamination section: per task, the items that
-share a 13-gram with the training split (:mod:`jaxtune.data.contamination`). It returns
-the ``report.json`` content.
+share a 13-gram with the training split (:mod:`jaxtune.data.contamination`). For
+classification data it has a Class balance section: the label distribution per split,
+an imbalance flag and the suggested ``data.balance`` (:mod:`jaxtune.data.balance`). It
+returns the ``report.json`` content.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxtune.data.balance import FEW_EXAMPLES, IMBALANCE_RATIO, LARGE, imbalance_advice
 from jaxtune.data.config import DataConfig
 from jaxtune.data.contamination import NGRAM, contamination, record_texts
 from jaxtune.data.iterator import BatchIterator, padding_fraction
@@ -91,6 +94,8 @@ def split_report(ds: TokenizedDataset, batch_size: int, seed: int, tokenizer) ->
     )
     if ds.label_names is not None:
         s["label_names"] = ds.label_names
+    if s.get("balance", {}).get("mode") in ("oversample", "undersample"):
+        s["balanced_counts"] = s["balance"]["after"]
     return s
 
 
@@ -132,6 +137,7 @@ _ROWS = [
     ("missing optional fields", "missing_fields", None),
     ("empty fields", "empty_fields", None),
     ("label balance", "label_counts", None),
+    ("after data.balance", "balanced_counts", None),
 ]
 
 
@@ -141,6 +147,9 @@ def _cell(s: dict[str, Any], key: str | None, fmt: str | None) -> str:
     value = s.get(key)
     if value is None:
         return "-"
+    if key in ("label_counts", "balanced_counts"):  # counts with their shares
+        total = max(sum(value.values()), 1)
+        return ", ".join(f"{k}: {v} ({100 * v / total:.1f}%)" for k, v in value.items())
     if isinstance(value, dict):
         return ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
     return fmt.format(value) if fmt else str(value)
@@ -150,7 +159,8 @@ def _table(report: dict[str, Any]) -> list[list[str]]:
     splits = list(report["splits"])
     rows = [["", *splits]]
     for title, key, fmt in _ROWS:
-        optional = ("label_counts", "pairs", "truncated_pairs", "identical_pairs")
+        optional = ("label_counts", "balanced_counts", "pairs", "truncated_pairs")
+        optional += ("identical_pairs",)
         if key in optional and all(key not in report["splits"][s] for s in splits):
             continue
         rows.append([title, *(_cell(report["splits"][s], key, fmt) for s in splits)])
@@ -191,6 +201,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: config summary, table, skipped rows, rendered examples."""
     out = ["# Data report", "", *markdown_summary(report)]
     out += ["", "![token lengths](lengths.png)", ""]
+    if report.get("class_balance"):
+        out += class_balance_markdown(report["class_balance"])
     if report.get("contamination"):
         out += contamination_markdown(report["contamination"])
     for name, s in report["splits"].items():
@@ -201,6 +213,37 @@ def format_markdown(report: dict[str, Any]) -> str:
         for text in s["rendered"]:
             out += ["```", text.replace("```", "` ` `"), "```", ""]
     return "\n".join(out)
+
+
+def class_balance_lines(report: dict[str, Any]) -> list[str]:
+    """Console lines of the report's ``class_balance`` section (none when balanced)."""
+    b = report.get("class_balance")
+    if not b:
+        return []
+    lines = [f"warning: {w}" for w in b["warnings"]]
+    if b["imbalanced"]:
+        lines.insert(0, f"class imbalance: {b['reason']}; suggested: data.balance={b['suggest']}")
+    return lines
+
+
+def class_balance_markdown(b: dict[str, Any]) -> list[str]:
+    """Markdown lines of the Class balance section (:func:`imbalance_advice`'s dict)."""
+    out = [
+        "## Class balance",
+        "",
+        f"Rule: the train split is flagged as imbalanced when its largest class has at least "
+        f"{IMBALANCE_RATIO}x the examples of its smallest (here {b['ratio']:.2f}x: "
+        f"{b['majority']} / {b['minority']}). The suggestion is `data.balance=weight`, or "
+        f"`oversample` when the smallest class has fewer than {FEW_EXAMPLES} examples; "
+        f"`undersample` is mentioned from {LARGE} examples of the smallest class on.",
+        "",
+    ]
+    if b["imbalanced"]:
+        out += [f"**Imbalanced**: {b['reason']}. Suggested: `data.balance={b['suggest']}`.", ""]
+    else:
+        out += ["Balanced enough: no `data.balance` needed.", ""]
+    out += [f"- warning: {w}" for w in b["warnings"]]
+    return out + ([""] if b["warnings"] else [])
 
 
 def contamination_lines(report: dict[str, Any]) -> list[str]:
@@ -262,14 +305,20 @@ def data_summary(
     seed: int,
 ) -> dict[str, Any]:
     """``{"format", "seq_len", "packing", "batch_size", "splits": {split: split_report}}``
-    of already built splits (the trainer's run report; :func:`inspect_data`)."""
-    return {
+    of already built splits (the trainer's run report; :func:`inspect_data`), plus
+    ``class_balance`` for classification data."""
+    splits = {n: split_report(ds, batch_size, seed, tokenizer) for n, ds in datasets.items()}
+    out = {
         "format": cfg.format,
         "seq_len": seq_len,
         "packing": cfg.packing,
         "batch_size": batch_size,
-        "splits": {n: split_report(ds, batch_size, seed, tokenizer) for n, ds in datasets.items()},
+        "splits": splits,
     }
+    if "label_counts" in splits.get("train", {}):
+        counts = {n: s["label_counts"] for n, s in splits.items() if "label_counts" in s}
+        out["class_balance"] = imbalance_advice(counts)
+    return out
 
 
 def inspect_data(
@@ -300,7 +349,9 @@ def inspect_data(
       The report: ``format``, ``seq_len``, ``packing``, ``batch_size``, ``files``
       (written paths) and ``splits`` (per split: the dataset stats plus
       ``truncated_pct``, ``padding_pct``, ``loss_mask_coverage_pct``, length summary and
-      ``rendered`` examples), and with ``eval_items`` ``contamination`` (per task, as
+      ``rendered`` examples), for classification data ``class_balance`` (as
+      :func:`~jaxtune.data.balance.imbalance_advice`), and with ``eval_items``
+      ``contamination`` (per task, as
       :meth:`~jaxtune.data.contamination.EvalNgrams.report`).
 
     Raises:
@@ -325,6 +376,6 @@ def inspect_data(
     files["json"].write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     if echo:
         print(format_console(report))  # the CLI prints where the report went, once
-        for line in contamination_lines(report):
+        for line in class_balance_lines(report) + contamination_lines(report):
             print(line)
     return report

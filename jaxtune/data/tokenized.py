@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from jaxtune.atomic import cache_entry
+from jaxtune.data.balance import apply_balance, check_balance
 from jaxtune.data.config import DataConfig
 from jaxtune.data.encoding import Encoded, resolve_label_names
 from jaxtune.data.formats import make_encoder
@@ -158,6 +159,16 @@ class TokenizedDataset:
         """``(ids int32 [L], mask uint8 [L])`` of example ``i``."""
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return np.asarray(self.tokens[a:b]), np.asarray(self.mask[a:b])
+
+    def use_rows(self, examples: np.ndarray, tag: str) -> None:
+        """Makes row ``r`` the example ``examples[r]`` (repeats allowed): the train split
+        resampled by ``data.balance``. ``tag`` joins the fingerprint, so an iterator
+        position saved over other rows is refused on resume."""
+        examples = np.asarray(examples, np.int64)
+        self.row_offsets = np.arange(len(examples) + 1, dtype=np.int64)
+        self.row_examples = examples
+        self.row_lengths = self.lengths[examples]
+        self.fingerprint = f"{self.fingerprint}+{tag}"
 
     def padded_length(self, n: int) -> int:
         """Batch length T for a longest row of ``n`` tokens (multiple of 8 or a bucket)."""
@@ -441,11 +452,14 @@ def build_datasets(
       ``truncated``, ``missing_fields``, ``empty_fields``, ``label_counts``
       (classification), ``documents`` (text), ``examples``, ``rows``, ``tokens``,
       ``trained_tokens``, ``duplicates`` (examples whose tokens repeat an earlier
-      example in the split) and ``overlap`` (``{other split: examples also there}``).
+      example in the split) and ``overlap`` (``{other split: examples also there}``);
+      with ``data.balance`` the train split's rows are resampled and its stats hold
+      ``balance`` (:func:`jaxtune.data.balance.apply_balance`).
 
     Raises:
       DataError: bad files or rows (one line, naming file, line and field).
     """
+    check_balance(cfg)
     sources = {s: src for s in splits if (src := load_split(cfg, s)) is not None}
     if not sources:
         raise DataError("data.train is not set; expected a data file, glob or directory")
@@ -466,6 +480,7 @@ def build_datasets(
             duplicates=int(ds.num_examples - len(uniques[s])),
             overlap={o: int(np.isin(ds.hashes, uniques[o]).sum()) for o in out if o != s},
         )
+    apply_balance(cfg, out)  # after the stats above: they describe the examples as read
     return out
 
 

@@ -27,8 +27,10 @@ def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_classes: int)
       num_classes: K.
 
     Returns:
-      ``{"accuracy", "macro_f1", "per_class_f1" [K], "confusion" [K][K], "n"}``. Macro-F1
-      averages over every class (a class never gold nor predicted counts as F1 0).
+      ``{"accuracy", "macro_f1", "per_class_precision" [K], "per_class_recall" [K],
+      "per_class_f1" [K], "support" [K], "confusion" [K][K], "n"}`` (see
+      :func:`per_class`). Macro-F1 averages over every class (a class never gold nor
+      predicted counts as F1 0).
 
     Raises:
       DataError: shapes differ or an id is outside ``[0, num_classes)``.
@@ -47,19 +49,57 @@ def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_classes: int)
             )
     cm = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(cm, (gold, pred), 1)
-    f1s = []
-    for c in range(num_classes):
-        tp = cm[c, c]
-        p = tp / max(cm[:, c].sum(), 1)
-        r = tp / max(cm[c, :].sum(), 1)
-        f1s.append(0.0 if p + r == 0 else float(2 * p * r / (p + r)))
+    per = per_class(cm)
     return {
         "accuracy": float((pred == gold).mean()) if len(gold) else 0.0,
-        "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
-        "per_class_f1": f1s,
+        "macro_f1": float(np.mean(per["per_class_f1"])) if num_classes else 0.0,
+        **per,
         "confusion": cm.tolist(),
         "n": int(len(gold)),
     }
+
+
+def per_class(confusion) -> dict:
+    """Per-class numbers of a confusion matrix (rows = gold, columns = predicted).
+
+    Args:
+      confusion: int [K, K].
+
+    Returns:
+      ``{"per_class_precision", "per_class_recall", "per_class_f1", "support"}``, each a
+      list of K (support: gold examples per class). A class never predicted has
+      precision 0, one never gold recall 0 (and F1 0 when both are 0).
+    """
+    cm = np.asarray(confusion, np.int64)
+    tp = np.diag(cm).astype(np.float64)
+    precision = tp / np.maximum(cm.sum(0), 1)
+    recall = tp / np.maximum(cm.sum(1), 1)
+    denom = precision + recall
+    f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0.0)
+    return {
+        "per_class_precision": precision.tolist(),
+        "per_class_recall": recall.tolist(),
+        "per_class_f1": f1.tolist(),
+        "support": cm.sum(1).astype(int).tolist(),
+    }
+
+
+def per_class_markdown(metrics: dict, label_names: Sequence[str] | None = None) -> list[str]:
+    """Markdown lines of the per-class table: class, support, precision, recall, F1.
+
+    Args:
+      metrics: a dict with :func:`per_class`'s keys.
+      label_names: K class names in id order; None = the ids.
+    """
+    k = len(metrics["support"])
+    names = list(label_names) if label_names else [str(i) for i in range(k)]
+    lines = ["| class | support | precision | recall | F1 |", "|---|---|---|---|---|"]
+    for i, name in enumerate(names):
+        lines.append(
+            f"| {name} | {metrics['support'][i]} | {metrics['per_class_precision'][i]:.4f} | "
+            f"{metrics['per_class_recall'][i]:.4f} | {metrics['per_class_f1'][i]:.4f} |"
+        )
+    return lines
 
 
 def classify_from_logits(logits: np.ndarray) -> np.ndarray:
@@ -70,7 +110,7 @@ def classify_from_logits(logits: np.ndarray) -> np.ndarray:
 def classification_report(
     pred: np.ndarray, gold: np.ndarray, label_names: Sequence[str]
 ) -> tuple[dict, str]:
-    """Metrics plus a Markdown summary with the confusion matrix.
+    """Metrics plus a Markdown summary: the confusion matrix and the per-class table.
 
     Args:
       pred: int [N] predicted ids (e.g. a head's argmax, see :func:`classify_from_logits`).
@@ -90,6 +130,7 @@ def classification_report(
     ]
     for name, row, f1 in zip(names, m["confusion"], m["per_class_f1"], strict=True):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + f" | {f1:.3f} |")
+    lines += ["", *per_class_markdown(m, names)]
     return m, "\n".join(lines) + "\n"
 
 

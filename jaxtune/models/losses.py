@@ -170,15 +170,24 @@ def _xent_bwd(res, g):
 token_cross_entropy.defvjp(_xent_fwd, _xent_bwd)
 
 
-def label_loss_sums(model, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """(sum of cross-entropy over labelled rows, number of such rows) for a classifier.
+def label_loss_sums(
+    model, batch: dict, rng: jax.Array | None, class_weights: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of cross-entropy over labelled rows, their weight) for a classifier.
 
     batch: ``input_ids``/``attention_mask`` int32 [B, T] and ``labels`` int32 [B] (-1 =
     a padding row). Sums, like :func:`token_loss_sums`, so accumulation = one big batch.
+
+    class_weights: float32 [K] or None. With weights (``data.balance: weight``) the
+    sums are ``(sum_i w[y_i] * CE_i, sum_i w[y_i])``, so the step's loss is the
+    class-weighted mean over the whole accumulated batch; None weighs every row 1.
     """
     logits = model(batch["input_ids"], batch["attention_mask"], rng=rng)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     labels = batch["labels"]
     valid = (labels >= 0).astype(jnp.float32)
-    nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+    safe = jnp.maximum(labels, 0)
+    if class_weights is not None:
+        valid = valid * jnp.asarray(class_weights, jnp.float32)[safe]
+    nll = -jnp.take_along_axis(logp, safe[:, None], axis=-1)[:, 0]
     return jnp.sum(nll * valid), jnp.sum(valid)

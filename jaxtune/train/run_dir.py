@@ -49,6 +49,7 @@ OWNED = frozenset(
         "checkpoints",  # checkpoint.py (Orbax; its temporary dirs live inside)
         "summary.json",  # train/loop.py, train/classification.py
         "labels.json",  # train/classification.py
+        "class_weights.json",  # train/classification.py (data.balance: weight)
         "classification_report.json",  # train/classification.py
         "classification_report.md",  # train/classification.py
         "eval",  # train/evals.py, retention.py, samples.py; `jaxtune eval CONFIG`'s --out

@@ -10,8 +10,12 @@ cross-entropy over the labels. What the task adds:
   ``jaxtune export`` rebuild the same head; a resumed run whose data has other labels
   is refused before anything is written;
 - validation loss / accuracy / macro-F1, and a final report (accuracy, macro-F1,
-  confusion matrix) on the test split (else validation) ->
-  ``classification_report.{json,md}``;
+  confusion matrix, per-class precision / recall / F1) on the test split (else
+  validation) -> ``classification_report.{json,md}``;
+- ``data.balance: weight``: inverse-frequency class weights of the train split in the
+  loss, fixed when the run starts and kept in ``class_weights.json`` (a resumed run
+  whose data gives other weights is refused, as for labels). Validation loss stays
+  unweighted (the data as it is);
 - ``peft.method: feature`` with nothing unfrozen has no backbone gradients at all: it
   is fitted without steps (features cached once, then a head fitted in seconds,
   :func:`jaxtune.feature_heads.feature_run`), writes the same report and checkpoints the
@@ -30,8 +34,9 @@ from flax import nnx
 
 from jaxtune.atomic import atomic_file
 from jaxtune.checkpoint import Checkpointer
+from jaxtune.data.balance import balance_line, class_weight_info
 from jaxtune.errors import ConfigError
-from jaxtune.eval.classification import classifier_metrics
+from jaxtune.eval.classification import classifier_metrics, per_class, per_class_markdown
 from jaxtune.feature_heads import feature_only, feature_run
 from jaxtune.loading import LABELS_FILE, build_model, check_labels
 from jaxtune.models import resolve_dtype
@@ -39,6 +44,8 @@ from jaxtune.models.heads import SequenceClassifier
 from jaxtune.models.losses import label_loss_sums
 from jaxtune.peft.trainable import classifier_filter
 from jaxtune.train.task import Task, register
+
+WEIGHTS_FILE = "class_weights.json"
 
 
 def label_info(cfg, train_ds, run_dir: Path | None) -> dict:
@@ -69,10 +76,17 @@ class Classification(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.labels: dict | None = None
+        self.weights: dict | None = None  # class_weights.json (data.balance: weight)
 
     def prepare(self, datasets, previous_run):
         # A run started over (previous_run None) is not held to the labels it deletes.
-        self.labels = label_info(self.cfg, datasets["train"], previous_run)
+        train = datasets["train"]
+        self.labels = label_info(self.cfg, train, previous_run)
+        if self.cfg.data.balance == "weight":
+            self.weights = class_weight_info(train.labels, train.label_names)
+            _check_weights(previous_run, self.weights)
+        if (line := balance_line(train.stats)) and jax.process_index() == 0:
+            print(line)
 
     def fit_without_steps(self) -> bool:
         return feature_only(self.cfg)
@@ -102,7 +116,15 @@ class Classification(Task):
         return classifier_filter(model, self.cfg.peft)
 
     def loss_sums(self, model, batch, rng):
-        return label_loss_sums(model, batch, rng)
+        w = None
+        if self.weights is not None:
+            # The step divides by max(weight sum, 1) (a padding-only batch must not
+            # divide by 0). Scaled so the lightest class weighs 1, a batch with any
+            # labelled row weighs >= 1 and that floor never bites; the mean loss and its
+            # gradients do not depend on the scale.
+            w = np.asarray(self.weights["class_weights"], np.float32)
+            w = w / w[w > 0].min()
+        return label_loss_sums(model, batch, rng, w)
 
     def evaluate(self, model, dataset, mesh) -> dict:
         t = self.cfg.train
@@ -111,10 +133,26 @@ class Classification(Task):
         return m
 
     def run_files(self) -> dict[str, str]:
-        return {LABELS_FILE: json.dumps(self.labels, indent=2)}
+        files = {LABELS_FILE: json.dumps(self.labels, indent=2)}
+        if self.weights is not None:
+            files[WEIGHTS_FILE] = json.dumps(self.weights, indent=2)
+        return files
 
     def finish(self, model, datasets, run_dir, step) -> dict:
         return final_classifier_report(self.cfg, model, datasets, run_dir, step)
+
+
+def _check_weights(run_dir: Path | None, info: dict) -> None:
+    """ConfigError if a resumed run's ``class_weights.json`` differs from ``info``."""
+    path = Path(run_dir) / WEIGHTS_FILE if run_dir is not None else None
+    if path is not None and path.exists():
+        saved = json.loads(path.read_text())
+        if saved != info:
+            raise ConfigError(
+                f"{path}: the run was started with class weights {saved['class_weights']} "
+                f"(class counts {saved['class_counts']}), the data now gives "
+                f"{info['class_weights']} ({info['class_counts']}); use a new run.dir"
+            )
 
 
 def _markdown(result: dict, names: list[str] | None) -> str:
@@ -136,6 +174,8 @@ def _markdown(result: dict, names: list[str] | None) -> str:
     ]
     for name, row in zip(names, result["confusion"], strict=True):
         lines.append(f"| {name} | " + " | ".join(str(int(x)) for x in row) + " |")
+    lines += ["", "Per class (support = gold examples):", ""]
+    lines += per_class_markdown(per_class(result["confusion"]), names)
     return "\n".join(lines) + "\n"
 
 
@@ -169,6 +209,7 @@ def final_classifier_report(cfg, model, datasets, run_dir, step) -> dict:
         "n": m["eval/n"],
         "majority": gold_majority,
         "confusion": np.asarray(m["confusion"]).tolist(),
+        **per_class(m["confusion"]),
     }
     _write(Path(run_dir), result, datasets["train"].label_names)
     print(
@@ -190,12 +231,13 @@ def _fit_feature_head(task: Classification, run_dir: Path, commit, t_start: floa
         feature["head_steps"] = int(cfg.train.steps)
     result = feature_run(cfg, feature=feature)
     head, task.labels = result.pop("_head"), result.pop("_labels")
+    task.weights = result.pop("_class_weights")
     split = result["eval_split"]
     step = int(cfg.train.steps or 0)
     result.update(split=split, step=step)
     commit(task.run_files())
     _save_head(cfg, run_dir, head, step)
-    _write(run_dir, result, None)
+    _write(run_dir, result, result.get("label_names"))
     summary = {
         "run_dir": str(run_dir),
         "steps": result.get("step", 0),
