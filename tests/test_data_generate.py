@@ -10,6 +10,8 @@ makes every filter reason reachable from real generation. And the random tiny Ll
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -17,12 +19,16 @@ import numpy as np
 import pytest
 
 from jaxtune.cli import main
+from jaxtune.config import load_config
 from jaxtune.errors import ConfigError, DataError
+from jaxtune.eval.generate import SamplingConfig, generate_ids
+from jaxtune.loading import from_pretrained, load_tokenizer
 from jaxtune.synth.filters import REASONS, FilterConfig, Filters, MinHasher, normalize
 from jaxtune.synth.generate import GenerateOptions, generate_data, sample_seed
 from jaxtune.synth.output import side_paths
 from jaxtune.synth.sources import load_documents, split_chunks
 from jaxtune.synth.templates import load_template
+from jaxtune.train.loop import train
 from jaxtune.train.testing import write_config, write_tiny_model
 
 OK_Q = [f"w{i:02d}" for i in range(1, 11)]
@@ -267,11 +273,20 @@ def test_documents_from_text_chunks_and_rows(tmp_path):
 # ------------------------------------------------------------------ end to end
 
 
-def test_every_reason_end_to_end_and_counts(bigram, capsys):
+@pytest.fixture(scope="module")
+def generated(bigram):
+    """One CLI run over DOCS: (OUT, what it printed)."""
     root, model, docs, template = bigram
     out = root / "e2e" / "pairs.jsonl"
-    assert main([str(a) for a in gen_args(model, docs, template, out)]) == 0
-    printed = capsys.readouterr().out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([str(a) for a in gen_args(model, docs, template, out)]) == 0
+    return out, printed.getvalue()
+
+
+def test_every_reason_end_to_end_and_counts(bigram, generated):
+    _, _, _, template = bigram
+    out, printed = generated
     rejected_path, stats_path = side_paths(out)
     stats = json.loads(stats_path.read_text())
     assert stats["rejected"] == EXPECTED
@@ -305,13 +320,8 @@ def test_every_reason_end_to_end_and_counts(bigram, capsys):
             f.accept(pair)
 
 
-def test_output_trains_with_the_instruction_format(bigram, tmp_path):
-    from jaxtune.config import load_config
-    from jaxtune.train.loop import train
-
-    root, model, docs, template = bigram
-    out = root / "e2e" / "pairs.jsonl"
-    assert out.exists()  # from the end-to-end test
+def test_output_trains_with_the_instruction_format(generated, tmp_path):
+    out, _ = generated
     tiny = write_tiny_model(tmp_path / "tiny")
     cfg = write_config(
         tmp_path / "cfg.yaml",
@@ -321,8 +331,8 @@ def test_output_trains_with_the_instruction_format(bigram, tmp_path):
         train="{steps: 2, batch_size: 8, seq_len: 32}",
         checkpoint="{every: 0, async_save: false}",
     )
-    train(load_config(cfg))
-    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    result = train(load_config(cfg))  # 8 rows with a "provenance" key the format ignores
+    assert result["steps"] == 2 and np.isfinite(result["final_loss"])
 
 
 def test_resume_equals_an_uninterrupted_run(bigram, tmp_path):
@@ -373,6 +383,23 @@ def test_resume_equals_an_uninterrupted_run(bigram, tmp_path):
         run(foreign)
     assert foreign.read_text() == '{"instruction": "a", "output": "b"}\n'
     assert not side_paths(foreign)[1].exists()
+
+
+def test_a_rows_sample_does_not_depend_on_its_batch(bigram):
+    _, model, _, _ = bigram
+    m, tok = from_pretrained(model), load_tokenizer(model)
+    sampling = SamplingConfig(max_new_tokens=32, temperature=8.0)
+    prompts = [tok(f"w11 {t}")["input_ids"] for t in [*CHAINS, "t_loop"]][:8]
+
+    def first_row(others: list, seeds: list) -> list[int]:
+        outs, _ = generate_ids(
+            m, [prompts[0], *others], [3], sampling, 1, row_seeds=seeds, bucket=64
+        )
+        return outs[0]
+
+    a = first_row(prompts[1:8], list(range(8)))
+    assert a == first_row(prompts[7:0:-1], [0, *range(100, 107)])  # other rows, other seeds
+    assert a != first_row(prompts[1:8], [5, *range(1, 8)])  # its own seed changes it
 
 
 # ------------------------------------------------------------------ CLI errors
