@@ -360,11 +360,14 @@ def test_resume_equals_an_uninterrupted_run(bigram, tmp_path):
     for a, b in zip(side_paths(tmp_path / "full" / "o.jsonl"), side_paths(part), strict=True):
         if a.suffix == ".jsonl":
             assert a.read_bytes() == b.read_bytes()
-    assert (tmp_path / "full" / "o.jsonl").read_bytes() == part.read_bytes()
+    full_bytes = (tmp_path / "full" / "o.jsonl").read_bytes()
+    assert full_bytes == part.read_bytes()
     assert {k: v for k, v in rest.items() if k != "seconds"} == {
         k: v for k, v in full.items() if k != "seconds"
     }
     assert full["samples"]["generated"] == 2 * len(triggers)
+    again = run(part)  # all done: nothing generated, nothing appended
+    assert again["samples"] == full["samples"] and part.read_bytes() == full_bytes
     assert len(set(full["rejected"].values())) > 2  # sampled: a mix of outcomes
 
     # Refusals leave every file as it was.
@@ -374,7 +377,7 @@ def test_resume_equals_an_uninterrupted_run(bigram, tmp_path):
         run(part, temperature=0.5)
     with open(part, "ab") as f:
         f.write(b'{"instruction": "mine", "output": "a row I added"}\n')
-    with pytest.raises(ConfigError, match="are not rows of an interrupted out batch"):
+    with pytest.raises(ConfigError, match="bytes after the last batch jaxtune recorded are not its rows"):
         run(part)
     assert [p.read_bytes() for p in files[1:]] == before[1:]
     foreign = tmp_path / "mine.jsonl"

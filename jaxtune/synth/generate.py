@@ -157,6 +157,11 @@ def generate_data(opts: GenerateOptions, stream: TextIO | None = None) -> dict:
     k = opts.per_doc
     pending = [d for d in docs if len(state.samples.get(d.id, ())) < k]
     pending = pending[: opts.max_docs] if opts.max_docs else pending
+    extra = {"inputs": len(docs), "blank_skipped": blank}
+    if not pending:  # everything was generated before: no model to load
+        writer = OutputWriter(out, settings, state, extra)
+        writer.close()
+        return writer.summary()
     tokenizer = load_tokenizer(opts.model)
     model = from_pretrained(opts.model, dtype=opts.dtype)
     chat = opts.chat and bool(getattr(tokenizer, "chat_template", None))
@@ -166,7 +171,7 @@ def generate_data(opts: GenerateOptions, stream: TextIO | None = None) -> dict:
     filters = Filters(opts.filters)
     for row in state.accepted:  # resume: the duplicate filters see what was accepted before
         filters.accept(row)
-    writer = OutputWriter(out, settings, state, {"inputs": len(docs), "blank_skipped": blank})
+    writer = OutputWriter(out, settings, state, extra)
     eos, pad = eos_token_ids(model, tokenizer), tokenizer.pad_token_id or 0
     per_batch = max(1, opts.batch_size // k)
     progress = Progress("generate", stream, unit="doc")

@@ -71,7 +71,15 @@ def _is_row(line: bytes) -> bool:
         return False
 
 
-def _read_committed(path: Path, committed: int, label: str) -> tuple[list[dict], int]:
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_committed(path: Path, committed: int) -> tuple[list[dict], int]:
     """Rows in the committed part of ``path`` and the size to truncate to (or -1)."""
     data = path.read_bytes() if path.exists() else b""
     if len(data) < committed:
@@ -82,14 +90,17 @@ def _read_committed(path: Path, committed: int, label: str) -> tuple[list[dict],
     head, tail = data[:committed], data[committed:]
     if tail:
         *complete, last = tail.split(b"\n")
-        # A cut-off last line cannot be parsed: it must at least start like one of ours.
+        # A line cut off mid-write does not parse, and starts as each of our rows does; a
+        # complete JSON line without provenance is a user's, and is never dropped.
         ours = all(_is_row(line) for line in complete) and (
-            not last or _is_row(last) or last.startswith((b'{"instruction"', b'{"reason"'))
+            not last
+            or _is_row(last)
+            or (last.startswith((b'{"instruction"', b'{"reason"')) and not _parses(last))
         )
         if not ours:
             raise ConfigError(
-                f"{path}: {len(tail)} bytes after what jaxtune recorded are not rows of an "
-                f"interrupted {label} batch (edited outside jaxtune?); use another --out"
+                f"{path}: {len(tail)} bytes after the last batch jaxtune recorded are not its "
+                "rows (edited outside jaxtune?); use another --out"
             )
     rows = [json.loads(line) for line in head.splitlines() if line.strip()]
     return rows, committed if tail else -1
@@ -131,7 +142,7 @@ def open_output(out: Path, settings: dict) -> OutputState:
     state = OutputState(seconds=float(stats.get("seconds", 0.0)))
     committed = stats.get("committed", {})
     for path, key in ((out, "out"), (rejected_path, "rejected")):
-        rows, cut = _read_committed(path, int(committed.get(key, 0)), key)
+        rows, cut = _read_committed(path, int(committed.get(key, 0)))
         if cut >= 0:
             state.truncate[str(path)] = cut
         for row in rows:
