@@ -212,8 +212,10 @@ def generate_data(opts: GenerateOptions, stream: TextIO | None = None) -> dict:
                     filters.accept(pair)
                     accepted.append({**pair, "provenance": prov})
                 else:
+                    row = {"reason": reason, "finish": finish, "text": text}
+                    # What the parser read, for a look at why a parsed pair was rejected.
                     rejected.append(
-                        {"reason": reason, "finish": finish, "text": text, "provenance": prov}
+                        {**row, **({"parsed": pair} if pair else {}), "provenance": prov}
                     )
             writer.commit(accepted, rejected, time.perf_counter() - t0)
             progress(min(start + per_batch, len(pending)), len(pending))

@@ -5,7 +5,8 @@ Three files share OUT's name:
 * ``OUT`` (e.g. ``pairs.jsonl``): accepted rows ``{"instruction", "input", "output",
   "provenance"}``;
 * ``OUT.rejected.jsonl`` (``pairs.rejected.jsonl``): rejected samples with their
-  ``reason`` and raw ``text``;
+  ``reason``, ``finish`` (``eos``, ``length``), raw ``text``, ``parsed`` fields (when the
+  reply parsed) and ``provenance``;
 * ``OUT.stats.json`` (``pairs.stats.json``): the settings of the run, counts by reason,
   and how many bytes of each JSONL file are *committed*.
 
