@@ -278,9 +278,11 @@ def generated(bigram):
     """One CLI run over DOCS: (OUT, what it printed)."""
     root, model, docs, template = bigram
     out = root / "e2e" / "pairs.jsonl"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    printed, progress = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(progress):
         assert main([str(a) for a in gen_args(model, docs, template, out)]) == 0
+    assert "generate: 14/14 docs (100%)" in progress.getvalue()  # not a tty: plain lines
+    assert "docs/s, ETA" in progress.getvalue()
     return out, printed.getvalue()
 
 
