@@ -379,7 +379,9 @@ def test_resume_equals_an_uninterrupted_run(bigram, tmp_path):
         run(part, temperature=0.5)
     with open(part, "ab") as f:
         f.write(b'{"instruction": "mine", "output": "a row I added"}\n')
-    with pytest.raises(ConfigError, match="bytes after the last batch jaxtune recorded are not its rows"):
+    with pytest.raises(
+        ConfigError, match="bytes after the last batch jaxtune recorded are not its rows"
+    ):
         run(part)
     assert [p.read_bytes() for p in files[1:]] == before[1:]
     foreign = tmp_path / "mine.jsonl"
