@@ -20,16 +20,16 @@ import pytest
 
 from jaxtune.cli import main
 from jaxtune.config import load_config
+from jaxtune.data import build_datasets
 from jaxtune.errors import ConfigError, DataError
 from jaxtune.eval.generate import SamplingConfig, generate_ids
 from jaxtune.loading import from_pretrained, load_tokenizer
-from jaxtune.synth.filters import REASONS, FilterConfig, Filters, MinHasher, normalize
+from jaxtune.synth.filters import REASONS, FilterConfig, Filters, minhash, normalize
 from jaxtune.synth.generate import GenerateOptions, generate_data, sample_seed
 from jaxtune.synth.output import side_paths
 from jaxtune.synth.sources import load_documents, split_chunks
 from jaxtune.synth.templates import load_template
-from jaxtune.train.loop import train
-from jaxtune.train.testing import write_config, write_tiny_model
+from jaxtune.train.testing import write_config
 
 OK_Q = [f"w{i:02d}" for i in range(1, 11)]
 OK_A = [f"w{i:02d}" for i in range(11, 21)]
@@ -241,12 +241,11 @@ def test_every_filter_reason_directly():
 
 
 def test_minhash_estimates_jaccard():
-    h = MinHasher()
     a = " ".join(f"w{i}" for i in range(40))
     b = " ".join(f"w{i}" for i in range(39)) + " other"  # 37 of 39 shingles shared
     c = " ".join(f"x{i}" for i in range(40))
-    assert np.mean(h.signature(a) == h.signature(b)) > 0.85
-    assert np.mean(h.signature(a) == h.signature(c)) < 0.1
+    assert minhash(a).jaccard(minhash(b)) > 0.85
+    assert minhash(a).jaccard(minhash(c)) < 0.1
     assert normalize("Hello,   WORLD!") == "hello world"
 
 
@@ -322,19 +321,24 @@ def test_every_reason_end_to_end_and_counts(bigram, generated):
             f.accept(pair)
 
 
-def test_output_trains_with_the_instruction_format(generated, tmp_path):
+def test_output_is_instruction_data(bigram, generated, tmp_path):
+    """The accepted rows read as ``data.format: instruction`` (the ``provenance`` key is
+    ignored): the trained tokens of each example are exactly its generated output."""
+    _, model, _, _ = bigram
     out, _ = generated
-    tiny = write_tiny_model(tmp_path / "tiny")
-    cfg = write_config(
-        tmp_path / "cfg.yaml",
-        tiny,
-        out,
-        tmp_path / "run",
-        train="{steps: 2, batch_size: 8, seq_len: 32}",
-        checkpoint="{every: 0, async_save: false}",
+    cfg = load_config(
+        write_config(
+            tmp_path / "c.yaml", model, out, tmp_path / "run", train="{steps: 1, seq_len: 64}"
+        )
     )
-    result = train(load_config(cfg))  # 8 rows with a "provenance" key the format ignores
-    assert result["steps"] == 2 and np.isfinite(result["final_loss"])
+    tok = load_tokenizer(model)
+    ds = build_datasets(cfg.data, tok, cfg.train.seq_len, use_cache=False)["train"]
+    rows = [json.loads(line) for line in Path(out).read_text().splitlines()]
+    assert ds.num_examples == len(rows) == 8
+    for i, row in enumerate(rows):
+        ids, mask = ds.example(i)
+        trained = tok.decode(np.asarray(ids)[np.asarray(mask) > 0], skip_special_tokens=True)
+        assert trained.split() == row["output"].split()
 
 
 def test_resume_equals_an_uninterrupted_run(bigram, tmp_path):

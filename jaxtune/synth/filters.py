@@ -16,9 +16,7 @@ Reasons, in the order they are checked (a sample gets the first that applies):
   similarity >= ``near_dup_threshold`` with an accepted pair (LSH banding finds the
   candidates).
 
-MinHash and LSH banding are implemented here in numpy (the scheme of ``datasketch``:
-``(a * h + b) mod (2^61 - 1)`` permutations of 32-bit SHA-1 shingle hashes, bands chosen
-to balance false positives and negatives at the threshold).
+MinHash signatures and the LSH index are ``datasketch``'s.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-import numpy as np
+from datasketch import MinHash, MinHashLSH
 
 from jaxtune.eval.analysis import repeated_ngram_rate
 
@@ -48,8 +46,7 @@ _STOP = frozenset(
     "but can could would should will into onto about also each other some such only very "
     "more most many much any all been being does did done use used".split()
 )
-_PRIME = np.uint64((1 << 61) - 1)
-_MAX_HASH = np.uint64((1 << 32) - 1)
+NUM_PERM = 128
 
 
 def normalize(text: str) -> str:
@@ -71,70 +68,41 @@ def support_share(answer: str, source: str) -> float:
     return sum(w in vocab for w in words) / len(words)
 
 
-class MinHasher:
-    """MinHash signatures of word 3-gram shingles: uint64 [num_perm] per text."""
-
-    def __init__(self, num_perm: int = 128, seed: int = 1):
-        rng = np.random.RandomState(seed)
-        self.a = rng.randint(1, int(_PRIME), num_perm, dtype=np.uint64)
-        self.b = rng.randint(0, int(_PRIME), num_perm, dtype=np.uint64)
-
-    def signature(self, text: str) -> np.ndarray:
-        words = normalize(text).split()
-        shingles = {" ".join(words[i : i + 3]) for i in range(max(len(words) - 2, 1))}
-        h = np.array(
-            [int.from_bytes(hashlib.sha1(s.encode()).digest()[:4], "little") for s in shingles],
-            np.uint64,
-        )
-        with np.errstate(over="ignore"):  # the products wrap, as in datasketch
-            perm = (h[:, None] * self.a[None, :] + self.b[None, :]) % _PRIME & _MAX_HASH
-        return perm.min(axis=0)
+def shingles(text: str) -> set[str]:
+    """Word 3-grams of the normalized text (the whole text when it has under 3 words)."""
+    words = normalize(text).split()
+    return {" ".join(words[i : i + 3]) for i in range(max(len(words) - 2, 1))}
 
 
-def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows) with bands * rows <= num_perm minimizing the weighted chances of
-    missing a pair above ``threshold`` (weight 0.95) and of proposing one below it (0.05).
-
-    A proposed pair is only a candidate (its estimated similarity is checked), so misses
-    weigh more: at threshold 0.8 this gives 16 bands of 8 rows, which proposes 95% of
-    the pairs at similarity 0.8 and 99% at 0.85 (datasketch's equal weights: 40%, 69%).
-    """
-    xs = np.linspace(0.0, 1.0, 201)
-    best, best_err = (1, num_perm), float("inf")
-    for b in range(1, num_perm + 1):
-        for r in range(1, num_perm // b + 1):
-            p = 1 - (1 - xs**r) ** b
-            fp = np.trapezoid(np.where(xs < threshold, p, 0.0), xs)
-            fn = np.trapezoid(np.where(xs >= threshold, 1 - p, 0.0), xs)
-            err = 0.05 * fp + 0.95 * fn
-            if err < best_err:
-                best, best_err = (b, r), err
-    return best
+def minhash(text: str, num_perm: int = NUM_PERM) -> MinHash:
+    """datasketch MinHash of the text's word 3-gram shingles (fixed seed: reproducible)."""
+    m = MinHash(num_perm=num_perm, seed=1)
+    m.update_batch([s.encode() for s in shingles(text)])
+    return m
 
 
 class NearDupIndex:
-    """Accepted signatures, banded for lookup; :meth:`query` verifies candidates."""
+    """Accepted pairs in a datasketch ``MinHashLSH``; :meth:`query` verifies candidates.
 
-    def __init__(self, threshold: float, num_perm: int = 128):
+    LSH only proposes candidates, and each is checked against its estimated Jaccard
+    similarity, so a false positive costs a comparison while a miss lets a near duplicate
+    through: the band layout weighs misses 0.95 and false positives 0.05 (at threshold
+    0.8: 16 bands of 8 rows, proposing 95% of the pairs at similarity 0.8; datasketch's
+    default equal weights propose 40%).
+    """
+
+    def __init__(self, threshold: float, num_perm: int = NUM_PERM):
         self.threshold = threshold
-        self.bands, self.rows = lsh_bands(threshold, num_perm)
-        self.tables: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
-        self.sigs: list[np.ndarray] = []
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.05, 0.95))
+        self.sigs: list[MinHash] = []
 
-    def _keys(self, sig: np.ndarray) -> list[bytes]:
-        r = self.rows
-        return [sig[i * r : (i + 1) * r].tobytes() for i in range(self.bands)]
-
-    def query(self, sig: np.ndarray) -> float:
+    def query(self, sig: MinHash) -> float:
         """The highest estimated Jaccard similarity with an accepted candidate (0 if none)."""
-        cands = {j for t, k in zip(self.tables, self._keys(sig), strict=True) for j in t.get(k, ())}
-        return max((float(np.mean(self.sigs[j] == sig)) for j in cands), default=0.0)
+        return max((sig.jaccard(self.sigs[j]) for j in self.lsh.query(sig)), default=0.0)
 
-    def add(self, sig: np.ndarray) -> None:
-        j = len(self.sigs)
+    def add(self, sig: MinHash) -> None:
+        self.lsh.insert(len(self.sigs), sig)
         self.sigs.append(sig)
-        for t, k in zip(self.tables, self._keys(sig), strict=True):
-            t.setdefault(k, []).append(j)
 
 
 @dataclass(frozen=True)
@@ -154,7 +122,6 @@ class Filters:
     def __init__(self, cfg: FilterConfig):
         self.cfg = cfg
         self.hashes: set[str] = set()
-        self.hasher = MinHasher()
         self.index = NearDupIndex(cfg.near_dup_threshold) if cfg.near_dup_threshold < 1 else None
 
     def judge(self, text: str, finish: str, pair: dict[str, str] | None, source: str) -> str | None:
@@ -190,8 +157,8 @@ class Filters:
             return "near_duplicate"
         return None
 
-    def _sig(self, pair: dict[str, str]) -> np.ndarray:
-        return self.hasher.signature(pair_text(pair))
+    def _sig(self, pair: dict[str, str]) -> MinHash:
+        return minhash(pair_text(pair))
 
     def accept(self, pair: dict[str, str]) -> None:
         """Records an accepted pair: later replies are compared with it."""
