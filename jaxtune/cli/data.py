@@ -3,12 +3,15 @@
 With ``eval.tasks`` in the config, the report also lists the evaluation items that share a
 13-gram with the training data (``perplexity`` is not an item task and is skipped;
 ``eval.max_items`` caps the items checked, as it caps the items scored).
+
+``jaxtune data generate`` runs :mod:`jaxtune.cli.data_generate`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from jaxtune.cli import data_generate
 from jaxtune.config import load_config
 from jaxtune.data import inspect_data
 from jaxtune.eval.contamination import tasks_texts
@@ -17,6 +20,8 @@ from jaxtune.train.run_dir import output_dir
 
 
 def run(args) -> int:
+    if args.action == "generate":
+        return data_generate.run(args)
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.run.dir) / "data_report"
     tok = load_tokenizer(cfg.model.path)

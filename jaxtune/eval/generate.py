@@ -58,8 +58,8 @@ class SamplingConfig:
 def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """Samples one token per row: float [B, V] -> int32 [B].
 
-    ``temperature``, ``top_k`` and ``top_p`` may be traced scalars, so changing them
-    never recompiles. ``temperature <= 0`` is greedy (the sampling branch is skipped at
+    ``key`` is one key, or one per row ([B]). ``temperature``, ``top_k`` and ``top_p``
+    may be traced scalars, so changing them never recompiles. ``temperature <= 0`` is greedy (the sampling branch is skipped at
     run time by ``lax.cond``). Top-k then top-p (nucleus: the smallest set of most likely
     tokens whose probability reaches ``top_p``; the most likely token always stays) are
     applied as logit thresholds computed on the sorted logits.
@@ -84,9 +84,20 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) 
         keep = (cum_before < top_p) | (top_p >= 1.0)
         thresh = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
         x = jnp.where((x < kth) | (x < thresh), neg, x)
+        if key.ndim:  # one key per row: a row's draws do not depend on the rest of the batch
+            return jax.vmap(jax.random.categorical)(key, x).astype(jnp.int32)
         return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, sample, greedy, None)
+
+
+def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(next key, key for this draw) of one key or of each of a row of keys."""
+    if key.ndim:
+        pair = jax.vmap(jax.random.split)(key)
+        return pair[:, 0], pair[:, 1]
+    key, sub = jax.random.split(key)
+    return key, sub
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new"))
@@ -104,7 +115,7 @@ def _prefill(graphdef, state, ids, mask, eos_ids, key, temperature, top_k, top_p
     h, cache = model.hidden_states(ids, full_mask, positions=positions, cache=cache, cache_index=0)
     # Only the last position's logits are needed: skip the vocabulary projection of the rest.
     logits = model.logits_from_hidden(h[:, -1:])[:, 0]
-    key, sub = jax.random.split(key)
+    key, sub = _split(key)
     tok = sample_logits(logits, sub, temperature, top_k, top_p)
     return {
         "i": jnp.int32(1),
@@ -135,7 +146,7 @@ def _decode(graphdef, state, carry, eos_ids, temperature, top_k, top_p, *, steps
         logits, cache = model(
             c["tok"][:, None], c["mask"], positions=pos, cache=c["cache"], cache_index=p + i - 1
         )
-        key, sub = jax.random.split(c["key"])
+        key, sub = _split(c["key"])
         nxt = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
         nxt = jnp.where(c["done"], 0, nxt)
         return {
@@ -182,6 +193,8 @@ def generate_ids(
     *,
     stop_fn: Callable[[list[int]], bool] | None = None,
     chunk: int = 16,
+    row_seeds: Sequence[int] | None = None,
+    bucket: int = 8,
 ):
     """Generates continuations of token-id prompts.
 
@@ -193,6 +206,10 @@ def generate_ids(
       stop_fn: ``stop_fn(generated ids) -> bool``, checked on the host every ``chunk``
         tokens; True ends that row (finish reason ``stop``). None decodes in one call.
       chunk: tokens per device call when ``stop_fn`` is given.
+      row_seeds: B seeds, one random stream per row instead of ``sampling.seed`` for the
+        batch: a row's sample then does not depend on which rows share its batch.
+      bucket: prompts are left-padded to a multiple of this many tokens (each padded
+        length compiles once).
 
     Returns:
       (B generated id lists, cut at EOS; stats ``{"tokens", "seconds", "tokens_per_sec",
@@ -208,7 +225,7 @@ def generate_ids(
             )
     b = len(prompt_ids)
     p = max(len(x) for x in prompt_ids)
-    p = -(-p // 8) * 8  # bucket: bounded number of compiled prompt lengths
+    p = -(-p // bucket) * bucket  # bounded number of compiled prompt lengths
     ids = np.full((b, p), pad_id, np.int32)
     mask = np.zeros((b, p), np.int32)
     for i, row in enumerate(prompt_ids):
@@ -230,7 +247,7 @@ def generate_ids(
         jnp.asarray(ids),
         jnp.asarray(mask),
         eos_arr,
-        jax.random.key(sampling.seed),
+        _keys(sampling.seed, row_seeds, b),
         *knobs,
         max_new=max_new,
     )
@@ -269,6 +286,14 @@ def generate_ids(
         "finish_reasons": reasons,
         "token_counts": [len(r) for r in results],
     }
+
+
+def _keys(seed: int, row_seeds: Sequence[int] | None, b: int) -> jax.Array:
+    if row_seeds is None:
+        return jax.random.key(seed)
+    if len(row_seeds) != b:
+        raise ValueError(f"row_seeds: got {len(row_seeds)} seeds for {b} prompts")
+    return jax.vmap(jax.random.key)(jnp.asarray(row_seeds, jnp.uint32))
 
 
 def render_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:

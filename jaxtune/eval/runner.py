@@ -71,9 +71,10 @@ class Progress:
         secs = time.perf_counter() - self.t0
         rate = done / max(secs, 1e-9)
         eta = (total - done) / rate if rate > 0 else 0.0
+        shown = f"{rate:.1f}" if rate >= 1 else f"{rate:.3f}"  # slow tasks: not "0.0"
         print(
             f"  {self.name}: {done}/{total} {self.unit}s ({100 * done // max(total, 1)}%), "
-            f"{rate:.1f} {self.unit}s/s, ETA {_duration(eta)}",
+            f"{shown} {self.unit}s/s, ETA {_duration(eta)}",
             file=self.stream,
             flush=True,
         )
