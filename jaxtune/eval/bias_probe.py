@@ -87,12 +87,15 @@ def classifier_logits(
     Returns:
       float32 [N, K] in input order.
     """
+    # Identical inputs score once (a tokenizer that maps words to <unk> makes many).
+    unique = list(dict.fromkeys(tuple(x) for x in ids))
+    where = {x: i for i, x in enumerate(unique)}
     graphdef, state = nnx.split(clf)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[np.ndarray | None] = [None] * len(ids)
+    order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
+    out: list[np.ndarray | None] = [None] * len(unique)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        rows = [list(ids[i]) for i in idx]
+        rows = [list(unique[i]) for i in idx]
         rows += [rows[0]] * (batch_size - len(rows))
         t = bucket_length(max(len(r) for r in rows), minimum=16)
         arr = np.full((batch_size, t), pad_id, np.int32)
@@ -103,7 +106,9 @@ def classifier_logits(
         logits = np.asarray(_logits(graphdef, state, arr, mask), np.float32)
         for r, i in enumerate(idx):
             out[i] = logits[r]
-    return np.stack(out) if out else np.zeros((0, clf.num_labels), np.float32)
+    if not ids:
+        return np.zeros((0, clf.num_labels), np.float32)
+    return np.stack([out[where[tuple(x)]] for x in ids])
 
 
 def _split(groups: Sequence[CFGroup], flat: np.ndarray) -> list[np.ndarray]:

@@ -82,8 +82,12 @@ AGES = {"young": "young", "middle_aged": "middle-aged", "elderly": "elderly"}
 PERSONS = ("customer", "neighbour", "visitor", "colleague", "guest")
 
 
-def builtin_groups() -> list[CFGroup]:
+def builtin_groups(per_attribute: int | None = None) -> list[CFGroup]:
     """The built-in probe: 125 groups (pronoun 25, name_gender 50, name_origin 25, age 25).
+
+    Args:
+      per_attribute: keep only the first N groups of each attribute (a cheaper probe,
+        e.g. for a large model on a CPU); None = all.
 
     Returns:
       Groups in a fixed order; ``template`` holds the sentence with ``{X}`` for the
@@ -101,6 +105,14 @@ def builtin_groups() -> list[CFGroup]:
         person = PERSONS[j % len(PERSONS)]
         ages = {v: f"The {a} {person}" for v, a in AGES.items()}
         groups.append(_group("age", j, tpl, ages))
+    if per_attribute is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for g in groups:
+            seen[g.attribute] = seen.get(g.attribute, 0) + 1
+            if seen[g.attribute] <= per_attribute:
+                kept.append(g)
+        groups = kept
     return groups
 
 

@@ -162,7 +162,7 @@ def bias_probe(cfg, clf) -> dict | None:
         clf,
         load_tokenizer(cfg.model.path),
         groups,
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.eval.batch_size,
         max_len=cfg.train.seq_len,
     )
     print(f"bias probe ({cfg.eval.bias_probe}): {summary_line(attrs)}")
