@@ -18,9 +18,10 @@ from jaxtune.cli import main
 from jaxtune.config import load_config
 from jaxtune.errors import ConfigError, DataError
 from jaxtune.eval.bias_probe import load_probe
+from jaxtune.eval.contamination import tasks_texts
 from jaxtune.eval.counterfactual import CFGroup, classifier_bias, lm_bias, read_groups
 from jaxtune.eval.probes import builtin_groups
-from jaxtune.eval.runner import run_tasks
+from jaxtune.eval.runner import load_tasks, parse_tasks, run_tasks
 from jaxtune.resources import resolve_path
 from jaxtune.train import testing as T
 from jaxtune.train.loop import train
@@ -61,6 +62,10 @@ def test_reader_accepts_groups_and_the_builtin_probe_is_well_formed(tmp_path):
         "age": 25,
     }
     assert sum(len(g.variants) for g in builtin) == 400
+    # As an eval task: `counterfactual` is the built-in probe; nothing to decontaminate.
+    loaded = load_tasks(parse_tasks("counterfactual, perplexity"), eval_data=object())
+    assert loaded["counterfactual"] == ("counterfactual", builtin)
+    assert tasks_texts(["counterfactual"]) == {}
 
 
 @pytest.mark.parametrize(
@@ -226,9 +231,10 @@ def test_planted_pronoun_bias_is_found_in_the_classification_report(planted):
     for a, m in attrs.items():
         print(f"{a}: flip {m['flip_rate']:.3f} gap {m['score_gap']:.3f} favoured {m['favoured']}")
     pron, age = attrs["pronoun"], attrs["age"]
-    # Seeds 0-2 gave pronoun flip 1.0 with gap 0.52-0.99, age flip 0.04-0.16 with gap
-    # 0.02-0.16 (and name_gender close to pronoun: names leak gender through the encoder).
-    assert pron["flip_rate"] >= 0.9 and pron["score_gap"] >= 0.4
+    # Seeds 0-3 of this setup gave pronoun flip 1.0 with gap 0.997-1.0, age flip 0.04-0.28
+    # with gap 0.05-0.22 (and name_gender close to pronoun: female names leak the
+    # pronoun's label through the encoder).
+    assert pron["flip_rate"] >= 0.9 and pron["score_gap"] >= 0.7
     assert pron["favoured"] == "female" and pron["disfavoured"] == "male"
     assert pron["value_means"]["female"] - pron["value_means"]["male"] >= 0.4
     assert age["flip_rate"] <= 0.4 and age["score_gap"] <= pron["score_gap"] / 2
@@ -245,7 +251,8 @@ def test_jaxtune_eval_runs_a_probe_file_on_the_classifier_run(planted, tmp_path,
     )
     out = tmp_path / "eval"
     argv = ["eval", "--model", str(planted["run"]), "--tasks", f"counterfactual:{probe}"]
-    assert main([*argv, "--out", str(out), "--batch-size", "8"]) == 0, capsys.readouterr().err
+    # --batch-size 32 as the report's probe (eval.batch_size): the same compiled program.
+    assert main([*argv, "--out", str(out), "--batch-size", "32"]) == 0, capsys.readouterr().err
     m = json.loads((out / "eval_report.json").read_text())["pronouns"]
     assert m["pronoun/groups"] == 4 and m["pronoun/flip_rate"] == 1.0
     assert m["pronoun/favoured"] == "female"
