@@ -77,7 +77,8 @@ def bias(model, tokenizer, template: str, name: str, per_attribute: int) -> dict
     """The bias probe through the verbalizer classifier; prints one line."""
     groups = builtin_groups(per_attribute=per_attribute)
     t0 = time.perf_counter()
-    result = verbalizer_probe(model, tokenizer, groups, template, LABELS, batch_size=32)
+    # batch_size as accuracy() scores: the same shapes, so mostly compiled programs reused.
+    result = verbalizer_probe(model, tokenizer, groups, template, LABELS, batch_size=16)
     print(f"bias probe, {name} ({time.perf_counter() - t0:.0f}s): {summary_line(result)}")
     return result
 
