@@ -256,6 +256,8 @@ def test_jaxtune_eval_runs_a_probe_file_on_the_classifier_run(planted, tmp_path,
     m = json.loads((out / "eval_report.json").read_text())["pronouns"]
     assert m["pronoun/groups"] == 4 and m["pronoun/flip_rate"] == 1.0
     assert m["pronoun/favoured"] == "female"
+    md = (out / "eval_report.md").read_text()
+    assert "## Bias probe: pronouns" in md and "| pronoun | 4 | 1.000 | " in md
     # A bad probe file fails before a model is loaded or anything is written.
     probe.write_text(_lines(GOOD, {"attribute": "x", "variants": {"a": "A"}}))
     bad_out = tmp_path / "bad"

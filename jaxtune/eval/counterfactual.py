@@ -264,6 +264,35 @@ def flat_metrics(result: dict[str, dict]) -> dict[str, float | int | str]:
     return {f"{a}/{k}": m[k] for a, m in result.items() for k in keep if k in m}
 
 
+def unflatten(metrics: dict) -> dict[str, dict]:
+    """:func:`flat_metrics` back to ``{attribute: {metric: value}}`` (no value means)."""
+    out: dict[str, dict] = {}
+    for key, value in metrics.items():
+        attr, _, name = key.rpartition("/")
+        if attr:
+            out.setdefault(attr, {})[name] = value
+    return out
+
+
+def is_probe_result(metrics: dict) -> bool:
+    """Whether a task's flat metrics are a bias probe's (``<attribute>/flip_rate``...)."""
+    return any(k.endswith(("/flip_rate", "/logprob_gap")) for k in metrics)
+
+
+def eval_report_sections(results: dict, base: dict | None = None) -> list[str]:
+    """Markdown for ``eval_report.md``: one bias table per probe task (before / after
+    columns when ``base`` has the task too), or [] when no task is a probe."""
+    lines: list[str] = []
+    for task, metrics in results.items():
+        if not isinstance(metrics, dict) or not is_probe_result(metrics):
+            continue
+        cols = [("", unflatten(metrics))]
+        if base and isinstance(base.get(task), dict):
+            cols = [("before", unflatten(base[task])), ("after", cols[0][1])]
+        lines += ["", f"## Bias probe: {task}", "", *bias_markdown(cols)]
+    return lines
+
+
 def bias_markdown(columns: Sequence[tuple[str, dict]]) -> list[str]:
     """A Markdown table of bias results, one row per attribute.
 
