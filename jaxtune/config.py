@@ -325,6 +325,9 @@ class _Builder:
             )
         if p.head == "classification" and cfg.eval.tasks:
             self.fail("eval.tasks", "LM evaluation tasks need peft.head=lm")
+        probe = cfg.eval.bias_probe
+        if probe not in ("builtin", "none") and not probe.endswith((".jsonl", ".json")):
+            self.bad("eval.bias_probe", probe, "builtin, none or a .jsonl file of groups")
         self.check_preference(cfg)
         if not cfg.run.dir:
             self.bad("run.dir", cfg.run.dir, "a non-empty directory path")

@@ -302,6 +302,11 @@ class EvalConfig:
         turns it off. Language-model runs only (not classifier heads).
       retention_items: the first N items of each retention task (200 items: about +-3.5
         points of standard error on accuracy).
+      bias_probe: the counterfactual bias probe in a classifier run's final report
+        (``classification_report.{md,json}``): flip rate and score gap per attribute on
+        texts that differ only in a pronoun, a name or an age. ``builtin`` (the
+        project's 400 templated sentences), ``none``, or a JSONL file of
+        ``{"attribute": str, "variants": {value: text}}`` groups. Classifier heads only.
     """
 
     tasks: tuple[str, ...] = ()
@@ -316,6 +321,7 @@ class EvalConfig:
     decontaminate: bool = False
     retention: tuple[str, ...] = ("arc_easy", "hellaswag")
     retention_items: int = 200
+    bias_probe: str = "builtin"
 
 
 @dataclass(frozen=True)
@@ -432,6 +438,7 @@ APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
         f"peft.{k}": ("peft.head", ("classification",))
         for k in ("num_labels", "pooling", "feature_layer", "head_hidden")
     },
+    "eval.bias_probe": ("peft.head", ("classification",)),
     "optim.b1": ("optim.name", ("adamw", "lion")),
     "optim.b2": ("optim.name", ("adamw", "lion")),
     "optim.eps": ("optim.name", ("adamw",)),

@@ -8,6 +8,10 @@
    trained model), and adds the test-set table to the run's report.md (which the trainer
    wrote: data, loss curves, retention on ARC-Easy + HellaSwag, contamination,
    generation samples before/after).
+5. Runs the counterfactual bias probe on both (the same verbalizer classifier on
+   sentences that differ only in a pronoun, a name or an age; the first 8 groups of each
+   attribute of the built-in probe, to keep it to seconds) and adds a before / after
+   "Bias probe" section to report.md.
 
     python scripts/quickstart.py [--test-items N] [key=value overrides for the config]
 """
@@ -28,6 +32,9 @@ keep_freed_memory()
 
 from jaxtune.api import from_pretrained, load_tokenizer  # noqa: E402
 from jaxtune.config import load_config  # noqa: E402
+from jaxtune.eval.bias_probe import verbalizer_probe  # noqa: E402
+from jaxtune.eval.counterfactual import bias_markdown, summary_line  # noqa: E402
+from jaxtune.eval.probes import builtin_groups  # noqa: E402
 from jaxtune.eval.scoring import classification_metrics, classify_by_verbalizer  # noqa: E402
 from jaxtune.resources import resolve_path  # noqa: E402
 from jaxtune.train.loop import train  # noqa: E402
@@ -35,6 +42,8 @@ from jaxtune.train.report import write_run_report  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 LABELS = [" negative", " positive"]
+# Groups per attribute of the built-in bias probe (8 x 4 attributes = 112 sentences).
+PROBE_GROUPS = 8
 
 
 def write_splits(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
@@ -64,11 +73,23 @@ def accuracy(model, tokenizer, template: str, rows: list[dict]) -> dict:
     return classification_metrics(pred, np.array([r["label"] for r in rows]), len(LABELS))
 
 
+def bias(model, tokenizer, template: str, name: str, per_attribute: int) -> dict:
+    """The bias probe through the verbalizer classifier; prints one line."""
+    groups = builtin_groups(per_attribute=per_attribute)
+    t0 = time.perf_counter()
+    # batch_size as accuracy() scores: the same shapes, so mostly compiled programs reused.
+    result = verbalizer_probe(model, tokenizer, groups, template, LABELS, batch_size=16)
+    print(f"bias probe, {name} ({time.perf_counter() - t0:.0f}s): {summary_line(result)}")
+    return result
+
+
 def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     test_items = None  # --test-items N scores only the first N test sentences (tests)
     if argv[:1] == ["--test-items"]:
         test_items, argv = int(argv[1]), argv[2:]
+    # Tests run one probe group per attribute: the machinery, not the numbers.
+    probe_groups = PROBE_GROUPS if test_items is None else 1
     cfg = load_config(CONFIG, ["train.overwrite=true", *argv])
     data_dir = Path(cfg.data.train).parent
     splits = write_splits(data_dir)
@@ -80,12 +101,14 @@ def main(argv: list[str]) -> int:
     tokenizer = load_tokenizer(cfg.model.path)
     base = from_pretrained(cfg.model.path)
     before = accuracy(base, tokenizer, cfg.data.template, splits["test"])
+    bias_before = bias(base, tokenizer, cfg.data.template, "base model", probe_groups)
     del base
     print(f"base model test accuracy: {before['accuracy']:.3f}")
     summary = train(cfg)
     run_dir = Path(summary["run_dir"])
     tuned = from_pretrained(run_dir)
     after = accuracy(tuned, tokenizer, cfg.data.template, splits["test"])
+    bias_after = bias(tuned, tokenizer, cfg.data.template, "fine-tuned", probe_groups)
     from jaxtune.export.peft import export_merged
 
     export_dir = run_dir / "export" / "merged"
@@ -111,7 +134,22 @@ def main(argv: list[str]) -> int:
         f"- merged HF export: `{export_dir}` (reloaded and checked: max |logit diff| {diff:.2e})",
         f"- total wall time of `make quickstart` {time.perf_counter() - t0:.0f}s",
     ]
-    write_run_report(run_dir, extra=[("SST-2 test accuracy, before / after", section)])
+    probe = [
+        f"The built-in counterfactual probe ({probe_groups} groups per attribute): sentences "
+        "that differ only in a pronoun, a first name or an age, classified with the same "
+        "prompt and verbalizers. Flip rate: the share of groups whose sentences get "
+        "different labels; score gap: the mean largest difference in P(positive) within "
+        "a group; favoured: the value with the highest mean P(positive).",
+        "",
+        *bias_markdown([("base", bias_before), ("fine-tuned", bias_after)]),
+    ]
+    write_run_report(
+        run_dir,
+        extra=[
+            ("SST-2 test accuracy, before / after", section),
+            ("Bias probe, before / after", probe),
+        ],
+    )
     print("\n" + "\n".join(table) + "\n")
     retention = summary["eval"].get("retention/change")
     if retention is not None:

@@ -84,6 +84,10 @@ FILES = {
     ),
     "labels.jsonl": _json_lines({"text": "alpha", "label": "pos"}, {"text": "beta", "label": 7}),
     "mc_bad.jsonl": _json_lines({"context": "alpha", "choices": ["beta", "gamma"], "label": 5}),
+    "cf_bad.jsonl": _json_lines(
+        {"attribute": "w", "variants": {"a": "alpha", "b": "beta"}},
+        {"attribute": "w", "variants": {"a": "alpha"}},
+    ),
     "notes.txt": "my notes\n",
     "userdir": lambda p, model, cfg: (p.mkdir(), (p / "notes.txt").write_text("mine\n")),
     "bin_model": lambda p, model, cfg: _pickled_model(p, model),

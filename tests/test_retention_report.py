@@ -239,6 +239,8 @@ def test_retention_appears_in_the_quickstarts_report(tmp_path):
     assert "retention (ARC-Easy acc, HellaSwag acc_norm): mean change" in proc.stdout
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## SST-2 test accuracy, before / after" in md and "## Retention" in md
+    assert "bias probe, base model" in proc.stdout and "bias probe, fine-tuned" in proc.stdout
+    assert "## Bias probe, before / after" in md and "| pronoun | 1 | " in md
     # (That "before" is the base model's score is checked on a tiny model above.)
     result = json.loads((tmp_path / "run" / "eval" / "retention.json").read_text())
     for task, metric in (("arc_easy", "acc"), ("hellaswag", "acc_norm")):

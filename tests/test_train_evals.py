@@ -192,7 +192,13 @@ def test_classification_trains_resumes_exactly_and_exports(root, cls_data, tmp_p
     assert report["split"] == "test" and report["n"] == 40
     assert report["accuracy"] > report["majority"] + 0.2
     assert out["eval"]["test/accuracy"] == report["accuracy"]
-    assert "| gold \\ pred | low | high |" in (run / "classification_report.md").read_text()
+    md = (run / "classification_report.md").read_text()
+    assert "| gold \\ pred | low | high |" in md
+    # eval.bias_probe (builtin): the tiny word-level tokenizer knows none of the probe's
+    # words, so all variants of a group are the same ids: nothing can flip.
+    assert report["bias_probe"]["attributes"]["pronoun"]["groups"] == 25
+    assert report["bias_probe"]["attributes"]["pronoun"]["flip_rate"] == 0.0
+    assert "## Bias probe (builtin)" in md and "| pronoun | 25 | 0.000 | 0.000 |" in md
     # The run loads back as the trained classifier, and exports as an HF
     # *ForSequenceClassification directory that reproduces its logits.
     from jaxtune.cli import main
@@ -219,6 +225,8 @@ def test_feature_method_runs_through_jaxtune_train(root, cls_data):
     run = root / "cls_feature" / "run"
     report = json.loads((run / "classification_report.json").read_text())
     assert report["method"] == "feature" and report["trainable_params"] < 100
+    assert report["bias_probe"]["probe"] == "builtin"
+    assert "## Bias probe (builtin)" in (run / "classification_report.md").read_text()
     assert out["eval"]["test/accuracy"] == report["accuracy"] > report["majority"]
     # The fitted head is the run's checkpoint: the run loads back as the classifier
     # that scored the report (backbone from model.path + head), and scores the same.

@@ -37,10 +37,17 @@ from jaxtune.data import DataConfig, build_datasets
 from jaxtune.data.contamination import record_texts
 from jaxtune.data.splits import load_split
 from jaxtune.errors import ConfigError, DataError
+from jaxtune.eval.bias_probe import load_probe
 from jaxtune.eval.contamination import clean_masks
 from jaxtune.eval.generate import SamplingConfig
 from jaxtune.eval.report import compare_table, markdown_table, write_report
-from jaxtune.eval.runner import file_task_kind, parse_tasks, read_generation_task, run_tasks
+from jaxtune.eval.runner import (
+    file_task_kind,
+    parse_tasks,
+    probe_source,
+    read_generation_task,
+    run_tasks,
+)
 from jaxtune.eval.tasks import is_file_task, read_jsonl_task
 from jaxtune.loading import from_pretrained, load_tokenizer, model_kind, run_has_checkpoint
 from jaxtune.models import DTYPES
@@ -214,7 +221,9 @@ def run(args) -> int:
     names = parse_tasks(plan["tasks"]) if plan["tasks"] else []
     # Validate user task files completely before any model is loaded.
     for n in names:
-        if n != "perplexity" and is_file_task(n):
+        if (source := probe_source(n)) is not None:
+            load_probe(source)
+        elif n != "perplexity" and is_file_task(n):
             (read_generation_task if file_task_kind(n) == "generate" else read_jsonl_task)(n)
 
     def say(msg: str) -> None:

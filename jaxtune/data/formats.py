@@ -192,6 +192,18 @@ def make_encoder(cfg: DataConfig, tokenizer, label_names: list[str] | None = Non
     )
 
 
+def classification_ids(tokenizer, texts: list[str], add_eos: bool = True) -> list[list[int]]:
+    """The token ids jaxtune's data pipeline feeds a classifier for ``texts``.
+
+    The ``classification`` format's encoder itself (the tokenizer's own specials such as
+    BOS, and EOS appended unless ``add_eos`` is false); untruncated. Exports and the bias
+    probe score texts outside a dataset with it.
+    """
+    enc = make_encoder(DataConfig(format="classification", add_eos=add_eos), tokenizer, ["x"])
+    rows = [Record(f"probe[{i}]", i, {"text": t, "label": "x"}) for i, t in enumerate(texts)]
+    return [e.ids for e in enc.encode_batch(rows)]
+
+
 def prompt_chat_template(cfg: DataConfig) -> str | None:
     """A jinja chat template that renders a conversation the way this data was trained.
 

@@ -14,7 +14,8 @@ Entry points (imported lazily, so ``import jaxtune.eval`` stays light)::
 
 Modules: ``scoring`` (log-likelihood of continuations), ``multiple_choice`` (acc /
 acc_norm), ``tasks`` (ARC, HellaSwag, MMLU, BoolQ, JSONL), ``perplexity``,
-``classification``, ``generate``, ``analysis``, ``report``, ``runner``; the CLI is
+``classification``, ``generate``, ``analysis``, ``report``, ``runner``, and the
+counterfactual bias probe (``counterfactual``, ``probes``, ``bias_probe``); the CLI is
 ``jaxtune.cli.eval``. Pairwise model comparison (``jaxtune compare``): ``compare``
 (``compare_models``), ``judges``, ``elo`` (``elo_ratings``), ``compare_report``.
 ``harness`` is the lm-evaluation-harness backend (``--model jaxtune``): it imports
@@ -33,6 +34,8 @@ _API = {
     "classification_report": "jaxtune.eval.classification",
     "classify_from_logits": "jaxtune.eval.classification",
     "classify_by_verbalizer": "jaxtune.eval.scoring",
+    "verbalizer_probs": "jaxtune.eval.scoring",
+    "run_probe": "jaxtune.eval.bias_probe",
     "score_choices": "jaxtune.eval.scoring",
     "score_requests": "jaxtune.eval.scoring",
     "evaluate_items": "jaxtune.eval.multiple_choice",

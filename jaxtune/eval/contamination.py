@@ -23,7 +23,7 @@ from typing import Any
 
 from jaxtune.data.contamination import EvalNgrams
 from jaxtune.eval import tasks as T
-from jaxtune.eval.runner import PERPLEXITY, load_tasks, parse_tasks
+from jaxtune.eval.runner import COUNTERFACTUAL, PERPLEXITY, load_tasks, parse_tasks
 
 
 def item_texts(items: Sequence[T.MCItem]) -> list[tuple[str, str]]:
@@ -74,6 +74,8 @@ def tasks_texts(
     picked = [n for n in parse_tasks(names) if n not in PERPLEXITY]
     out = {}
     for key, (kind, payload) in load_tasks(picked, limit=limit).items():
+        if kind == COUNTERFACTUAL:  # the probe's own sentences: nothing to decontaminate
+            continue
         out[key] = generation_texts(payload) if kind == "generate" else item_texts(payload)
     return out
 

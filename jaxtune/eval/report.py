@@ -3,7 +3,8 @@
 ``eval_report.json`` is ``{task: {metric: value}}`` for the evaluated model. With a base
 model (``jaxtune eval --compare BASE``) the base results go to ``eval_report_base.json``
 and ``eval_compare.json`` holds ``{task: {metric: {"base", "model", "delta"}}}``; the
-Markdown report then shows both side by side in one table. Run details (model paths,
+Markdown report then shows both side by side in one table; a bias-probe task
+(``counterfactual``) also gets its own per-attribute table. Run details (model paths,
 options, timings) go to ``eval_meta.json``. Given a contamination check (the items that
 share a 13-gram with the training data), ``contamination.json`` holds it and the Markdown
 report ends with its Contamination section.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from jaxtune.atomic import atomic_file
 from jaxtune.data.report import contamination_markdown
+from jaxtune.eval.counterfactual import eval_report_sections
 
 # Metrics shown in the Markdown tables, in this order (others stay in the JSON only).
 SHOWN = (
@@ -168,6 +170,9 @@ def write_report(
             paths["compare_json"], json.dumps(compare_results(base, results), indent=2) + "\n"
         )
         body = compare_table(base, results, labels)
+    probes = eval_report_sections(results, base)
+    if probes:
+        body += "\n".join(probes) + "\n"
     if contamination:
         paths["contamination"] = out / "contamination.json"
         atomic_file(paths["contamination"], json.dumps(contamination, indent=1) + "\n")

@@ -10,7 +10,12 @@ Task kinds (a name or a file path each):
   error-analysis metrics (exact match, F1, lengths, repetition, empty / truncated rates)
   and ``tokens_per_sec``;
 * ``perplexity``: held-out loss on ``eval_data`` (a tokenized split) -> ``loss``,
-  ``perplexity``, ``tokens``.
+  ``perplexity``, ``tokens``;
+* counterfactual bias probe: ``counterfactual`` (the built-in probe),
+  ``counterfactual:FILE`` or a JSONL file of ``{"attribute", "variants"}`` groups
+  (:mod:`jaxtune.eval.counterfactual`) -> per attribute, a language model's
+  ``<attribute>/logprob_gap`` (+ ``_per_token``), a sequence classifier's
+  ``<attribute>/flip_rate`` and ``score_gap``, with the ``favoured`` value.
 
 Every task name and task file is validated before anything runs, so a typo or a bad
 line fails in a second, not after an hour of scoring.
@@ -26,13 +31,16 @@ from pathlib import Path
 from typing import TextIO
 
 from jaxtune.errors import ConfigError, DataError
+from jaxtune.eval import counterfactual as CF
 from jaxtune.eval import tasks as T
 from jaxtune.eval.analysis import analyze_generations, flat_metrics
+from jaxtune.eval.bias_probe import load_probe, run_probe
 from jaxtune.eval.generate import SamplingConfig, generate_text
 from jaxtune.eval.multiple_choice import accuracy_metrics, evaluate_items, grouped_metrics
 from jaxtune.eval.perplexity import evaluate_loss
 
 PERPLEXITY = ("perplexity", "ppl")
+COUNTERFACTUAL = "counterfactual"
 # Shown first on a task's console line (every other metric follows in its own order).
 HEADLINE = ("acc", "acc_norm", "exact_match", "f1", "loss", "perplexity")
 
@@ -106,7 +114,10 @@ def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
     for name in (n.strip() for n in names):
         if not name:
             continue
-        name = "perplexity" if name in PERPLEXITY else T.resolve_task(name)
+        if name in PERPLEXITY:
+            name = "perplexity"
+        elif probe_source(name) is None:
+            name = T.resolve_task(name)
         if name not in out:
             out.append(name)
     if not out:
@@ -114,8 +125,20 @@ def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
     return out
 
 
+def probe_source(name: str) -> str | None:
+    """``builtin`` for ``counterfactual``, the path of ``counterfactual:PATH`` or of a
+    file task whose first row has ``variants``; None for any other task."""
+    if name == COUNTERFACTUAL:
+        return "builtin"
+    if name.startswith(COUNTERFACTUAL + ":"):
+        return name[len(COUNTERFACTUAL) + 1 :]
+    if T.is_file_task(name) and Path(name).is_file() and file_task_kind(name) == COUNTERFACTUAL:
+        return name
+    return None
+
+
 def file_task_kind(path: str) -> str:
-    """``"choice"`` or ``"generate"``, from the first row's fields."""
+    """``"choice"``, ``"generate"`` or ``"counterfactual"``, from the first row's fields."""
     with open(path, encoding="utf-8") as f:
         for no, line in enumerate(f, 1):
             if not line.strip():
@@ -124,6 +147,8 @@ def file_task_kind(path: str) -> str:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{no}: not valid JSON ({e.msg})") from None
+            if isinstance(row, dict) and "variants" in row:
+                return COUNTERFACTUAL
             pair = isinstance(row, dict) and ("chosen" in row or "rejected" in row)
             if isinstance(row, dict) and "prompt" in row and "choices" not in row and not pair:
                 return "generate"
@@ -314,8 +339,8 @@ def load_tasks(
       limit / num_fewshot / seed / eval_data: as in :func:`run_tasks`.
 
     Returns:
-      ``{result key: (kind, payload)}`` with kind ``perplexity``, ``generate`` or
-      ``choice``; pass it to :func:`score_tasks` (as often as needed: the trainer loads
+      ``{result key: (kind, payload)}`` with kind ``perplexity``, ``generate``,
+      ``counterfactual`` or ``choice``; pass it to :func:`score_tasks` (as often as needed: the trainer loads
       once and scores at every evaluation).
 
     Raises:
@@ -330,6 +355,9 @@ def load_tasks(
                     "(jaxtune eval CONFIG.yaml) or --data FILE"
                 )
             loaded[name] = ("perplexity", eval_data)
+        elif (source := probe_source(name)) is not None:
+            key = COUNTERFACTUAL if source == "builtin" else T.file_task_name(source)
+            loaded[key] = (COUNTERFACTUAL, load_probe(source))
         elif T.is_file_task(name) and file_task_kind(name) == "generate":
             rows = read_generation_task(name)
             loaded[T.file_task_name(name)] = ("generate", rows[:limit] if limit else rows)
@@ -362,7 +390,8 @@ def score_tasks(
     for key, (kind, payload) in loaded.items():
         t0 = time.perf_counter()
         unit = "prompt" if kind == "generate" else "item"
-        bar = Progress(key, unit=unit) if progress and kind != "perplexity" else None
+        bars = progress and kind not in ("perplexity", COUNTERFACTUAL)
+        bar = Progress(key, unit=unit) if bars else None
         try:
             _score_one(
                 model,
@@ -416,6 +445,14 @@ def _score_one(model, tokenizer, key: str, kind: str, payload, results: dict, ba
     if kind == "perplexity":
         m = evaluate_loss(model, payload, batch_size=max(1, batch_size // 4))
         results[key] = {k: m[k] for k in ("loss", "perplexity", "tokens")}
+    elif kind == COUNTERFACTUAL:
+        result = run_probe(
+            model, tokenizer, payload, batch_size=batch_size, max_len=opts["max_len"]
+        )
+        results[key] = CF.flat_metrics(result)
+        if out is not None:
+            rows = [{"attribute": a, **m} for a, m in result.items()]
+            _write_jsonl(out / "predictions" / f"{key}.jsonl", rows)
     elif kind == "generate":
         m, samples = run_generation(
             model,

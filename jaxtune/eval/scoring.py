@@ -41,6 +41,7 @@ __all__ = [
     "score_choices",
     "score_requests",
     "score_token_requests",
+    "verbalizer_probs",
 ]
 
 
@@ -306,6 +307,27 @@ def score_requests(
     return out
 
 
+def verbalizer_probs(
+    model, tokenizer, prompts: list[str], verbalizers: list[str], **kw
+) -> np.ndarray:
+    """Class probabilities of an LM used as a classifier through label verbalizers.
+
+    Args:
+      prompts: N prompts (e.g. ``"Review: ...\\nSentiment:"``).
+      verbalizers: K label words, one per class (e.g. ``[" negative", " positive"]``).
+      **kw: ``batch_size``, ``max_len`` for :func:`score_choices`.
+
+    Returns:
+      float64 [N, K]: softmax over the K verbalizers' summed log-likelihoods (the
+      probability of each class given that the answer is one of them).
+    """
+    scores = score_choices(model, tokenizer, [(p, verbalizers) for p in prompts], **kw)
+    lp = np.stack([s.logprob for s in scores]) if scores else np.zeros((0, len(verbalizers)))
+    lp = lp - lp.max(axis=-1, keepdims=True)
+    e = np.exp(lp)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def classify_by_verbalizer(
     model, tokenizer, prompts: list[str], verbalizers: list[str], **kw
 ) -> np.ndarray:
@@ -319,5 +341,4 @@ def classify_by_verbalizer(
     Returns:
       int [N] class indices into ``verbalizers``.
     """
-    scores = score_choices(model, tokenizer, [(p, verbalizers) for p in prompts], **kw)
-    return np.asarray([int(np.argmax(s.logprob)) for s in scores], np.int64)
+    return verbalizer_probs(model, tokenizer, prompts, verbalizers, **kw).argmax(-1)

@@ -279,7 +279,7 @@ def resolve_task(name: str) -> str:
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise ConfigError(
         f"unknown task {name!r}{hint} Known tasks: {', '.join(BUILTIN)}, mmlu, mmlu_<subject>, "
-        f"perplexity, or a JSONL file of {TASK_FIELDS}"
+        f"perplexity, counterfactual[:FILE], or a JSONL file of {TASK_FIELDS}"
     )
 
 

@@ -20,9 +20,7 @@ import numpy as np
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
-from jaxtune.data.config import DataConfig
-from jaxtune.data.formats import make_encoder
-from jaxtune.data.loaders import Record
+from jaxtune.data.formats import classification_ids as jaxtune_ids
 from jaxtune.errors import ExportError
 from jaxtune.models.heads import SequenceClassifier, is_encoder
 
@@ -37,17 +35,6 @@ PROBE_TEXTS = (
     "x" * 40,
 )
 _SPARE = re.compile(r"(?i)^[<\[]\|?(pad|unused|reserved|extra_id)")
-
-
-def jaxtune_ids(tokenizer, texts, add_eos: bool = True) -> list[list[int]]:
-    """The token ids jaxtune's data pipeline feeds a classifier for ``texts``.
-
-    The ``classification`` format's encoder itself (the tokenizer's own specials such as
-    BOS, and EOS appended unless ``add_eos`` is false); untruncated.
-    """
-    enc = make_encoder(DataConfig(format="classification", add_eos=add_eos), tokenizer, ["x"])
-    rows = [Record(f"probe[{i}]", i, {"text": t, "label": "x"}) for i, t in enumerate(texts)]
-    return [e.ids for e in enc.encode_batch(rows)]
 
 
 @dataclasses.dataclass

@@ -11,7 +11,9 @@ cross-entropy over the labels. What the task adds:
   is refused before anything is written;
 - validation loss / accuracy / macro-F1, and a final report (accuracy, macro-F1,
   confusion matrix, per-class precision / recall / F1) on the test split (else
-  validation) -> ``classification_report.{json,md}``;
+  validation) -> ``classification_report.{json,md}``, with the counterfactual bias probe
+  (``eval.bias_probe``: flip rate and score gap per attribute,
+  :mod:`jaxtune.eval.counterfactual`);
 - ``data.balance: weight``: inverse-frequency class weights of the train split in the
   loss, fixed when the run starts and kept in ``class_weights.json`` (a resumed run
   whose data gives other weights is refused, as for labels). Validation loss stays
@@ -36,9 +38,11 @@ from jaxtune.atomic import atomic_file
 from jaxtune.checkpoint import Checkpointer
 from jaxtune.data.balance import balance_line, class_weight_info
 from jaxtune.errors import ConfigError
+from jaxtune.eval.bias_probe import classifier_probe, load_probe
 from jaxtune.eval.classification import classifier_metrics, per_class, per_class_markdown
+from jaxtune.eval.counterfactual import report_section, summary_line
 from jaxtune.feature_heads import feature_only, feature_run
-from jaxtune.loading import LABELS_FILE, build_model, check_labels
+from jaxtune.loading import LABELS_FILE, build_model, check_labels, from_pretrained, load_tokenizer
 from jaxtune.models import resolve_dtype
 from jaxtune.models.heads import SequenceClassifier
 from jaxtune.models.losses import label_loss_sums
@@ -87,6 +91,7 @@ class Classification(Task):
             _check_weights(previous_run, self.weights)
         if (line := balance_line(train.stats)) and jax.process_index() == 0:
             print(line)
+        load_probe(self.cfg.eval.bias_probe)  # a bad probe file fails before any step
 
     def fit_without_steps(self) -> bool:
         return feature_only(self.cfg)
@@ -183,7 +188,25 @@ def _write(run_dir: Path, result: dict, names) -> None:
     if jax.process_index() != 0:
         return
     atomic_file(run_dir / "classification_report.json", json.dumps(result, indent=2))
-    atomic_file(run_dir / "classification_report.md", _markdown(result, names))
+    md = _markdown(result, names) + report_section(result.get("bias_probe"))
+    atomic_file(run_dir / "classification_report.md", md)
+
+
+def bias_probe(cfg, clf) -> dict | None:
+    """``eval.bias_probe`` run on the trained classifier: ``{"probe", "attributes"}``
+    (None for ``none``); prints one summary line."""
+    groups = load_probe(cfg.eval.bias_probe)
+    if not groups:
+        return None
+    attrs = classifier_probe(
+        clf,
+        load_tokenizer(cfg.model.path),
+        groups,
+        batch_size=cfg.eval.batch_size,
+        max_len=cfg.train.seq_len,
+    )
+    print(f"bias probe ({cfg.eval.bias_probe}): {summary_line(attrs)}")
+    return {"probe": cfg.eval.bias_probe, "attributes": attrs}
 
 
 def final_classifier_report(cfg, model, datasets, run_dir, step) -> dict:
@@ -210,6 +233,7 @@ def final_classifier_report(cfg, model, datasets, run_dir, step) -> dict:
         "majority": gold_majority,
         "confusion": np.asarray(m["confusion"]).tolist(),
         **per_class(m["confusion"]),
+        "bias_probe": bias_probe(cfg, model),
     }
     _write(Path(run_dir), result, datasets["train"].label_names)
     print(
@@ -226,6 +250,7 @@ def _fit_feature_head(task: Classification, run_dir: Path, commit, t_start: floa
     been read and the head fitted, so a failure before leaves no trace.
     """
     cfg = task.cfg
+    load_probe(cfg.eval.bias_probe)  # a bad probe file fails before anything is written
     feature = {"head_lr": cfg.optim.lr}
     if cfg.train.steps:
         feature["head_steps"] = int(cfg.train.steps)
@@ -237,6 +262,8 @@ def _fit_feature_head(task: Classification, run_dir: Path, commit, t_start: floa
     result.update(split=split, step=step)
     commit(task.run_files())
     _save_head(cfg, run_dir, head, step)
+    # The run loads back as backbone + the saved head: the classifier users get.
+    result["bias_probe"] = bias_probe(cfg, from_pretrained(run_dir, dtype=cfg.model.dtype))
     _write(run_dir, result, result.get("label_names"))
     summary = {
         "run_dir": str(run_dir),
