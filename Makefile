@@ -50,8 +50,9 @@ test-llamacpp: install-test
 	$(PIP) install "llama-cpp-python==0.3.36"
 	$(PY) -m pytest -q -s -p no:cacheprovider tests_llamacpp
 
-# Heavy, not part of `make test`: the accelerator recipes' plans that `make test` does not
-# compile (tests marked heavy; 30-40 s of libtpu compilation each).
+# Heavy, not part of `make test`: tests marked heavy (the accelerator recipes' plans that
+# `make test` does not compile and the TPU offload check, 30-60 s of libtpu compilation
+# each; lm-eval's HellaSwag agreement).
 test-heavy: install-test
 	$(PY) -m pytest -q -p no:cacheprovider -m heavy
 

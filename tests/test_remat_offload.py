@@ -57,6 +57,8 @@ def test_config_accepts_offload_only_among_the_policies():
         config_from_dict({"model": {"remat": "host"}, **rest})
 
 
+# About a minute of libtpu compilation: `make test-heavy` (not CI's `make test`).
+@pytest.mark.heavy
 @pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="compiling for a TPU needs libtpu"
 )
