@@ -28,7 +28,6 @@ Metrics are computed from per-variant scores, so they need no model
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxtune.errors import DataError
+from jaxtune.eval.tasks import jsonl_rows
 
 GROUP_FIELDS = '{"attribute": str, "variants": {value: text, ...}}'
 
@@ -107,20 +107,8 @@ def read_groups(path: str | Path) -> list[CFGroup]:
     Raises:
       DataError: naming the file, the line and the field.
     """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read counterfactual probe file ({e})") from None
-    groups = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{no}: not valid JSON ({e.msg})") from None
-        groups.append(check_group(row, f"{path}:{no}"))
+    rows = jsonl_rows(path, "counterfactual probe file")
+    groups = [check_group(row, where) for where, row in rows]
     if not groups:
         raise DataError(f"{path}: no groups (expected one JSON object per line: {GROUP_FIELDS})")
     return groups

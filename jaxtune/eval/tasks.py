@@ -342,26 +342,36 @@ def _check_row(row, where: str) -> MCItem:
     return MCItem(ctx, tuple(choices), label, tuple(len(c) for c in choices))
 
 
+def jsonl_rows(path: str | Path, what: str) -> list[tuple[str, object]]:
+    """``(file:line, parsed JSON)`` for every non-blank line of a user's JSONL file.
+
+    Raises:
+      DataError: the file cannot be read (``what`` names it, e.g. ``task file``) or a
+        line is not JSON (naming the file and the line).
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read {what} ({e})") from None
+    rows = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}:{no}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{no}: not valid JSON ({e.msg})") from None
+    return rows
+
+
 def read_jsonl_task(path: str | Path) -> list[MCItem]:
     """Parses and validates a user task file (every line, before anything is scored).
 
     Raises:
       DataError: naming the file, the line and the field.
     """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read task file ({e})") from None
-    items = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{no}: not valid JSON ({e.msg})") from None
-        items.append(_check_row(row, f"{path}:{no}"))
+    items = [_check_row(row, where) for where, row in jsonl_rows(path, "task file")]
     if not items:
         raise DataError(f"{path}: no items (expected one JSON object per line: {TASK_FIELDS})")
     return items
